@@ -1,0 +1,197 @@
+"""Checkpoint files: one format, loaded only with ``torch.load(weights_only=True)``.
+
+Our format is a plain dict (nothing but tensors, numbers, strings, lists and dicts)::
+
+    {"format": "fusioninn-checkpoint", "format_version": 1,
+     "config": FusionINNConfig.to_dict(), "state_dict": {...reference keys...},
+     "metadata": {"modalities": [...], "normalization": "volume", "data": ..., "metrics": ...}}
+
+Also accepted, for the authors' files: ``{"model_state_dict": ...}`` (their training script, with
+loss lists of NumPy scalars) and a bare state dict, both with or without DataParallel's ``module.``
+prefix. Those were trained with the sigmoid output fed back, so they load with
+``reverse_input="sigmoid"``. Nothing is ever unpickled beyond an allow-list of NumPy scalar types.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import numpy as np
+import torch
+
+from .model import FusionFlow, FusionINNConfig
+from .volume import temporary_sibling
+
+FORMAT_NAME = "fusioninn-checkpoint"
+FORMAT_VERSION = 1
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class LoadedModel:
+    model: FusionFlow
+    config: FusionINNConfig
+    metadata: Dict[str, Any] = field(default_factory=dict)
+    source: str = "random"
+    sha256: str = ""
+    origin: str = "fusioninn"  # "fusioninn", "reference" (the authors' layout) or "random"
+
+    def describe(self) -> Dict[str, Any]:
+        return {"path": self.source, "sha256": self.sha256, "origin": self.origin,
+                "config": self.config.to_dict()}
+
+
+def _numpy_safe_globals() -> list:
+    # The authors' checkpoints hold loss lists of NumPy float64 scalars. Allow exactly the globals
+    # needed to rebuild such scalars (under their NumPy 1.x and 2.x module names), nothing else.
+    scalar = np.core.multiarray.scalar if not hasattr(np, "_core") else np._core.multiarray.scalar
+    allowed: list = [
+        scalar, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype,
+    ]
+    for name in ("Float64DType", "Float32DType", "Int64DType", "Int32DType"):
+        dtype_class = getattr(getattr(np, "dtypes", None), name, None)
+        if dtype_class is not None:
+            allowed.append(dtype_class)
+    return allowed
+
+
+def file_sha256(path: PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read(path: Path) -> Any:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: model file not found")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a model file")
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "Unsupported global" in str(error) or "weights_only" in str(error).lower():
+            reason = "it contains Python objects that are not allowed in a model file (refused unsafe unpickling)"
+        else:
+            reason = f"not a readable PyTorch checkpoint ({first_line[:160]})"
+        raise CheckpointError(f"{path}: {reason}") from None
+
+
+def _strip_prefix(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    if state_dict and all(key.startswith("module.") for key in state_dict):
+        return {key[len("module."):]: value for key, value in state_dict.items()}
+    return dict(state_dict)
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def _unpack(path: Path, payload: Any) -> tuple:
+    """(config, state_dict, metadata, origin) from any accepted layout."""
+    if isinstance(payload, dict) and "format_version" in payload:
+        version = payload.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path}: checkpoint format_version {version!r} is newer than this software "
+                f"understands ({FORMAT_VERSION}); update SlicerFusionINN"
+            )
+        try:
+            config = FusionINNConfig.from_dict(dict(payload["config"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{path}: invalid model configuration ({error})") from None
+        state = payload.get("state_dict")
+        if not _is_state_dict(state):
+            raise CheckpointError(f"{path}: checkpoint has no valid state_dict")
+        return config, _strip_prefix(state), dict(payload.get("metadata") or {}), "fusioninn"
+    if isinstance(payload, dict) and "model_state_dict" in payload:
+        payload = payload["model_state_dict"]
+    if _is_state_dict(payload):
+        # The authors' layout: their architecture, decomposed the way they trained it.
+        return FusionINNConfig(reverse_input="sigmoid"), _strip_prefix(payload), {}, "reference"
+    raise CheckpointError(f"{path}: not a FusionINN checkpoint (no format_version, model_state_dict or state dict)")
+
+
+def load_checkpoint(path: PathLike, config_overrides: Optional[Dict[str, Any]] = None) -> LoadedModel:
+    """Load a model from any accepted checkpoint layout (see module docstring), on the CPU."""
+    path = Path(path)
+    config, state_dict, metadata, origin = _unpack(path, _read(path))
+    if config_overrides:
+        config = replace(config, **config_overrides)
+    model = FusionFlow(config)
+    try:
+        model.graph.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())[:300]
+        raise CheckpointError(
+            f"{path}: weights do not fit the model architecture (blocks={config.blocks}, "
+            f"hidden_channels={config.hidden_channels}): {detail}"
+        ) from None
+    model.set_actnorm_data_init(False)
+    model.eval()
+    return LoadedModel(model, config, metadata, str(path), file_sha256(path), origin)
+
+
+def save_checkpoint(path: PathLike, model: FusionFlow, metadata: Optional[Dict[str, Any]] = None,
+                    extra: Optional[Dict[str, Any]] = None) -> Path:
+    """Write ``model`` in our format, atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    payload: Dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "config": model.config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.graph.state_dict().items()},
+        "metadata": dict(metadata or {}),
+    }
+    if extra:
+        payload.update(extra)
+    atomic_torch_save(payload, path)
+    return path
+
+
+def atomic_torch_save(payload: Any, path: PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp_name = temporary_sibling(path)
+    try:
+        torch.save(payload, temp_name)
+        os.replace(temp_name, path)
+    except BaseException:
+        temp_name.unlink(missing_ok=True)
+        raise
+
+
+def bundled_model_path() -> Path:
+    """The default model shipped with the extension (``FusionINN/Resources/Models``)."""
+    env = os.environ.get("FUSIONINN_DEFAULT_MODEL")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "Resources" / "Models" / "fusioninn_default.pt"
+
+
+def resolve_model(model: Optional[PathLike] = None, allow_random: bool = True) -> LoadedModel:
+    """The model to use: an explicit file, else the bundled default, else (loudly) a random one."""
+    if model is not None and str(model) not in ("", "default"):
+        return load_checkpoint(model)
+    default = bundled_model_path()
+    if default.is_file():
+        return load_checkpoint(default)
+    if not allow_random:
+        raise FileNotFoundError(f"{default}: bundled default model not found and no --model given")
+    flow = FusionFlow(FusionINNConfig())
+    flow.eval()
+    return LoadedModel(flow, flow.config, {"warning": "untrained random model"}, "random", "", "random")
