@@ -28,22 +28,28 @@ class Reporter:
 
     @contextmanager
     def progress(self, description: str) -> Iterator[Optional[Callable[[float], None]]]:
+        """A fraction-done callback drawing a tqdm bar; the bar appears on the first update only,
+        so that input errors found before any work print just their one line."""
         if self.quiet:
             yield None
             return
         from tqdm import tqdm
 
-        bar = tqdm(total=1000, desc=description, unit="‰", file=sys.stderr, leave=True,
-                   bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
+        bars = []
 
         def update(fraction: float) -> None:
+            if not bars:
+                bars.append(tqdm(total=1000, desc=description, file=sys.stderr, leave=True,
+                                 bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]"))
+            bar = bars[0]
             target = int(round(min(max(fraction, 0.0), 1.0) * 1000))
             bar.update(max(0, target - bar.n))
 
         try:
             yield update
         finally:
-            bar.close()
+            for bar in bars:
+                bar.close()
 
 
 def _positive_int(text: str) -> int:

@@ -11,8 +11,8 @@ Two modes:
     x_n = (x - min_s) / (max_s - min_s) for every slice s.
 
 Foreground is every finite voxel that differs from the background value. The background is 0 for
-ordinary MRI, but z-scored exports (BraTS 2013/2015) fill it with the volume minimum instead, so
-whichever of {0, minimum} is more frequent is taken as background. A constant volume or slice has
+ordinary MRI, but z-scored exports (BraTS 2013/2015) fill it with another constant, so the most
+frequent of {0, minimum, corner values} is taken as background. A constant volume or slice has
 hi == lo; its scale is then 1, so it maps to zeros instead of NaN. NaN/Inf voxels are replaced by
 the background value before normalizing and counted in ``NormalizationParams.nonfinite``.
 """
@@ -62,12 +62,16 @@ class NormalizationParams:
 
 
 def background_value(array: np.ndarray) -> float:
-    """0 or the minimum, whichever fills more voxels (z-scored exports use the minimum)."""
+    """The most frequent of 0, the minimum and the corner values (z-scored exports fill the
+    background with a constant that need not be the minimum)."""
     finite = array[np.isfinite(array)]
     if finite.size == 0:
         return 0.0
-    minimum = float(finite.min())
-    return 0.0 if np.count_nonzero(finite == 0) >= np.count_nonzero(finite == minimum) else minimum
+    corners = array[tuple(np.ix_(*[[0, n - 1] for n in array.shape]))].reshape(-1)
+    candidates = {0.0, float(finite.min())} | {float(v) for v in corners if np.isfinite(v)}
+    counts = {value: int(np.count_nonzero(finite == value)) for value in sorted(candidates)}
+    best = max(counts.values())
+    return 0.0 if counts[0.0] == best else next(v for v, c in counts.items() if c == best)
 
 
 def foreground_mask(array: np.ndarray) -> np.ndarray:
