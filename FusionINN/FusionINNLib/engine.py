@@ -69,7 +69,7 @@ def tune_cpu_allocator() -> bool:
     """Keep glibc from mmap/munmap-ing every large activation (measured 3x on batched CPU runs).
 
     Tensors above glibc's mmap threshold are mapped and unmapped on every op; each page fault is
-    expensive in a VM. Raising the threshold and the trim threshold makes glibc reuse heap memory.
+    expensive in a VM. Serving them from the heap and not trimming it makes glibc reuse memory.
     Harmless elsewhere; returns False where glibc's ``mallopt`` is unavailable (macOS, Windows).
     """
     global _ALLOCATOR_TUNED
@@ -83,8 +83,11 @@ def tune_cpu_allocator() -> bool:
         return False
     if mallopt is None:
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    ok = mallopt(m_mmap_threshold, 1 << 30) == 1 and mallopt(m_trim_threshold, (1 << 31) - 1) == 1
+    m_trim_threshold, m_mmap_max = -1, -4
+    # glibc caps M_MMAP_THRESHOLD at 32 MiB, below one batch's activations, so switch mmap off
+    # for malloc altogether (M_MMAP_MAX = 0) and never give freed heap back (huge trim threshold).
+    ok = mallopt(m_mmap_max, 0) == 1
+    ok = mallopt(m_trim_threshold, (1 << 31) - 1) == 1 and ok
     _ALLOCATOR_TUNED = ok
     return ok
 
