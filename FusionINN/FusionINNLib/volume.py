@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -181,24 +181,29 @@ class OutputSet:
     def __enter__(self) -> OutputSet:
         return self
 
-    def add_image(self, image: sitk.Image, path: PathLike) -> None:
+    def add_file(self, write: Callable[[Path], None], path: PathLike) -> None:
+        """Reserve ``path``: ``write(temp_path)`` fills a temp sibling that is renamed at the end."""
         path = Path(path)
         temp = temporary_sibling(path)
         self._pending.append((temp, path))
-        try:
-            compress = path.suffix.lower() in (".nrrd", ".mha", ".gz")
-            sitk.WriteImage(image, str(temp), compress)
-        except RuntimeError as error:
-            raise VolumeError(f"{path}: cannot write image ({' '.join(str(error).split())[:200]})") from None
+        write(temp)
+
+    def add_image(self, image: sitk.Image, path: PathLike) -> None:
+        def write(temp: Path) -> None:
+            try:
+                compress = Path(path).suffix.lower() in (".nrrd", ".mha", ".gz")
+                sitk.WriteImage(image, str(temp), compress)
+            except RuntimeError as error:
+                detail = " ".join(str(error).split())[:200]
+                raise VolumeError(f"{path}: cannot write image ({detail})") from None
+
+        self.add_file(write, path)
 
     def add_volume(self, volume: Volume, path: PathLike, metadata: Optional[Dict[str, str]] = None) -> None:
         self.add_image(_prepare_image(volume, Path(path), metadata), path)
 
     def add_text(self, text: str, path: PathLike) -> None:
-        path = Path(path)
-        temp = temporary_sibling(path)
-        self._pending.append((temp, path))
-        temp.write_text(text, encoding="utf-8")
+        self.add_file(lambda temp: temp.write_text(text, encoding="utf-8"), path)
 
     def __exit__(self, exc_type, exc, traceback) -> None:
         if exc_type is None:
