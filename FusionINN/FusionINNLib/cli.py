@@ -158,8 +158,174 @@ def _run_decompose(args, reporter: Reporter) -> int:
     return 0
 
 
+# -- batch --------------------------------------------------------------------------------------
+def _add_batch(sub) -> None:
+    p = sub.add_parser("batch", help="fuse every case of a folder (BraTS case folders or two file patterns)",
+                       description="Fuse every case under DIR into OUT_DIR: one fused image per case "
+                                   "(<case>_fused.nii.gz with its .fusioninn.json record, optionally the latent) "
+                                   "and a summary.tsv with one row per case (status, message, outputs and, with "
+                                   "--metrics, the metric suite). Cases are found by modality (BraTS namings, "
+                                   "default t1ce + flair) or, with --pattern1/--pattern2, by two file-name globs "
+                                   "whose wildcard parts must agree (e.g. '*_T1c.nii.gz' and '*_FLAIR.nii.gz'). "
+                                   "A case that fails or lacks a modality is reported in the summary and skipped; "
+                                   "the exit code is 1 only when no case succeeded.")
+    p.add_argument("directory", metavar="DIR", help="folder holding the cases (searched recursively)")
+    p.add_argument("--output", "-o", required=True, metavar="OUT_DIR", help="folder for the fused images and summary")
+    p.add_argument("--modalities", nargs=2, default=["t1ce", "flair"], metavar=("M1", "M2"),
+                   help="modalities to fuse, input 1 then input 2 (any BraTS alias; default: t1ce flair)")
+    p.add_argument("--pattern1", metavar="GLOB", help="file-name glob of input 1 (instead of --modalities)")
+    p.add_argument("--pattern2", metavar="GLOB", help="file-name glob of input 2 (with --pattern1)")
+    p.add_argument("--latent", action="store_true", help="also keep each case's latent for an exact decomposition")
+    p.add_argument("--metrics", action="store_true", help="score every fusion and add the metrics to the summary")
+    p.add_argument("--paper-compatible", action="store_true",
+                   help="with --metrics: the FusionINN paper's metric variants (see 'fusioninn metrics')")
+    p.add_argument("--format", dest="output_format", choices=("nii.gz", "nrrd", "mha"), default="nii.gz",
+                   help="image format of the outputs (default: nii.gz)")
+    _add_model_device(p)
+    p.add_argument("--axis", type=int, choices=(0, 1, 2), default=0,
+                   help="slice axis in numpy (k, j, i) order (default: 0)")
+    p.add_argument("--normalization", choices=("volume", "slice"), default="volume",
+                   help="intensity normalization, as for 'fusioninn fuse' (default: volume)")
+    _add_common(p)
+    p.set_defaults(run=_run_batch)
+
+
+def _run_batch(args, reporter: Reporter) -> int:
+    from .batch import run_batch
+
+    with reporter.progress("batch") as progress:
+        result = run_batch(args.directory, args.output, modalities=args.modalities, pattern1=args.pattern1,
+                           pattern2=args.pattern2, keep_latent=args.latent, metrics=args.metrics,
+                           paper_compatible=args.paper_compatible, model=args.model, device=args.device,
+                           batch_size=args.batch_size, axis=args.axis, normalization=args.normalization,
+                           output_format=args.output_format, progress=progress, log=reporter.log)
+    reporter.log(result.describe())
+    if result.succeeded == 0:
+        print(f"fusioninn batch: error: no case was fused ({result.describe()})", file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- metrics ------------------------------------------------------------------------------------
+def _add_metrics(sub) -> None:
+    p = sub.add_parser("metrics", help="score a fusion: the paper's five metrics plus MMIF-AMIN's set",
+                       description="Score FUSED against INPUT1 and INPUT2: Q_SSIM, Q_FMI, Q_NCIE, Q_XY, Q_P (the "
+                                   "FusionINN paper's five) and EN, AG, SD, SF, MI, NMI, PSNR, VIFF, QABF. 3-D volumes "
+                                   "are scored per slice along axis 0 and averaged over slices with foreground. "
+                                   "Intensity scale: 8-bit images on 0..255 (data range 255), anything else min-max "
+                                   "normalised to [0, 1] (data range 1) unless --data-range is given. See "
+                                   "docs/metrics.md for the definitions and the two modes.")
+    p.add_argument("input1", help="source image 1")
+    p.add_argument("input2", help="source image 2 (resampled onto input 1's grid if its geometry differs)")
+    p.add_argument("fused", help="fused image (on input 1's grid)")
+    p.add_argument("--mask", metavar="M", help="score only voxels where this image is non-zero")
+    p.add_argument("--paper-compatible", action="store_true",
+                   help="reproduce the authors' MATLAB numbers (centre-patch Q_XY/Q_P, side-by-side RGB Q_FMI, "
+                        "8-bit quantisation) instead of the intended full-image definitions")
+    p.add_argument("--data-range", type=float, metavar="R", help="override the intensity range (images in [0, R])")
+    p.add_argument("--json", action="store_true", help="print JSON (summary, per-slice values, notes) on stdout")
+    _add_common(p)
+    p.set_defaults(run=_run_metrics)
+
+
+def _run_metrics(args, reporter: Reporter) -> int:
+    import math
+
+    import numpy as np
+
+    from .metrics import fusion_metrics
+    from .pipeline import prepare_inputs
+    from .volume import VolumeError, read_volume
+
+    volume1, volume2, fused = read_volume(args.input1), read_volume(args.input2), read_volume(args.fused)
+    volume2, notes = prepare_inputs(volume1, volume2, log=reporter.log)
+    if fused.shape != volume1.shape:
+        raise VolumeError(f"{args.fused}: shape {fused.shape} differs from input 1's {volume1.shape}")
+    mask = None
+    if args.mask:
+        mask_volume = read_volume(args.mask)
+        if mask_volume.shape != volume1.shape:
+            raise VolumeError(f"{args.mask}: mask shape {mask_volume.shape} differs from input 1's {volume1.shape}")
+        mask = mask_volume.array > 0
+    squeeze = (lambda a: a[0]) if volume1.is_2d else (lambda a: a)
+    result = fusion_metrics(squeeze(volume1.array), squeeze(volume2.array), squeeze(fused.array),
+                            mask=None if mask is None else squeeze(mask), paper_compatible=args.paper_compatible,
+                            data_range=args.data_range)
+    result["notes"] = notes + list(result.get("notes", []))
+    if args.json:
+        def clean(value):  # JSON has no NaN/Infinity: write null
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple, np.ndarray)):
+                return [clean(v) for v in value]
+            value = float(value)
+            return value if math.isfinite(value) else None
+
+        print_json({"summary": clean(result["summary"]), "per_slice": clean(result.get("per_slice", {})),
+                    "notes": result["notes"]})
+    else:
+        for name, value in result["summary"].items():
+            print(f"{name}\t{value:.6g}")
+        for note in result["notes"]:
+            reporter.log(f"note: {note}")
+    return 0
+
+
+# -- phantom ------------------------------------------------------------------------------------
+def _add_phantom(sub) -> None:
+    p = sub.add_parser("phantom", help="write synthetic BraTS-style cases (T1-Gd, FLAIR, segmentation)",
+                       description="Write N synthetic skull-stripped brain cases with a tumour (necrotic core, "
+                                   "enhancing rim, oedema) in BraTS 2021 naming: "
+                                   "OUT_DIR/BraTS2021_Phantom_00000/BraTS2021_Phantom_00000_{t1ce,flair,seg}.nii.gz.")
+    p.add_argument("output_dir", metavar="OUT_DIR", help="folder to write the case folders into")
+    p.add_argument("--cases", type=_positive_int, default=2, metavar="N", help="number of cases (default: 2)")
+    p.add_argument("--shape", type=_positive_int, nargs=3, default=[64, 128, 128], metavar=("Z", "Y", "X"),
+                   help="volume size in voxels, slices first (default: 64 128 128)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed; same seed, same cases (default: 0)")
+    _add_common(p)
+    p.set_defaults(run=_run_phantom)
+
+
+def _run_phantom(args, reporter: Reporter) -> int:
+    from .phantom import write_phantom_cases
+
+    with reporter.progress("phantom") as progress:
+        folders = write_phantom_cases(args.output_dir, cases=args.cases, shape=tuple(args.shape), seed=args.seed,
+                                      progress=None if progress is None else (lambda d, t: progress(d / t)))
+    reporter.log(f"wrote {len(folders)} case(s) under {args.output_dir}")
+    return 0
+
+
+# -- demo ---------------------------------------------------------------------------------------
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the main job end to end on a generated phantom case",
+                       description="Generate a phantom case, fuse it with the bundled model, decompose it exactly "
+                                   "(kept latent) and with 8 sampled latents, and write the volumes, montage.png "
+                                   "and metrics.json into --output.")
+    p.add_argument("--output", "-o", default="demo_output", metavar="DIR", help="output folder (default: demo_output)")
+    p.add_argument("--model", metavar="M", help="model checkpoint (default: the bundled model)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="phantom and sampling seed (default: 0)")
+    _add_common(p)
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args, reporter: Reporter) -> int:
+    from .demo import run_demo
+
+    with reporter.progress("demo") as progress:
+        result = run_demo(args.output, model=args.model, device=args.device, seed=args.seed, log=reporter.log,
+                          progress=progress)
+    for group, values in result.metrics.items():
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in list(values.items())[:6])
+        reporter.log(f"{group}: {shown}")
+    reporter.log(f"montage: {result.montage}")
+    return 0
+
+
 # -- main ---------------------------------------------------------------------------------------
-COMMANDS = [_add_fuse, _add_decompose]
+COMMANDS = [_add_demo, _add_fuse, _add_decompose, _add_metrics, _add_phantom]
+COMMANDS.append(_add_batch)
 
 
 def build_parser() -> argparse.ArgumentParser:
