@@ -164,3 +164,11 @@ def test_bad_normalization_input():
         normalize_volume(np.ones((2, 2, 2), np.complex64))
     with pytest.raises(ValueError, match="invalid normalization record"):
         NormalizationParams.from_dict({"mode": "volume"})
+
+
+def test_metadata_of_any_type_is_stored_as_plain_values(tmp_path):
+    # torch.__version__ is a TorchVersion object: stored as-is it makes weights_only loading refuse the file.
+    path = save_checkpoint(tmp_path / "m.pt", FusionFlow(), metadata={"torch": torch.__version__,
+                                                                       "loss": np.float64(0.25), "where": tmp_path})
+    metadata = load_checkpoint(path).metadata
+    assert metadata == {"torch": str(torch.__version__), "loss": 0.25, "where": str(tmp_path)}

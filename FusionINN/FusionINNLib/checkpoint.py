@@ -14,6 +14,7 @@ prefix. Those were trained with the sigmoid output fed back, so they load with
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -155,12 +156,26 @@ def save_checkpoint(path: PathLike, model: FusionFlow, metadata: Optional[Dict[s
         "format_version": FORMAT_VERSION,
         "config": model.config.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.graph.state_dict().items()},
-        "metadata": dict(metadata or {}),
+        "metadata": plain_metadata(metadata or {}),
     }
     if extra:
         payload.update(extra)
     atomic_torch_save(payload, path)
     return path
+
+
+def plain_metadata(metadata: Dict[str, Any]) -> Dict[str, Any]:
+    """Metadata as plain JSON types, so ``weights_only`` loading accepts it: values such as
+    ``torch.__version__`` (a ``TorchVersion``), paths or NumPy scalars become strings/floats."""
+
+    def default(value: Any) -> Any:
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+        return str(value)
+
+    return json.loads(json.dumps(metadata, default=default))
 
 
 def atomic_torch_save(payload: Any, path: PathLike) -> None:
