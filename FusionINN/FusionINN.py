@@ -209,6 +209,7 @@ class FusionINNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.differenceMapsButton.connect("clicked(bool)", self.onDifferenceMapsButton)
         self.ui.batchButton.connect("clicked(bool)", self.onBatchButton)
         self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
+        self.ui.startTrainingButton.connect("clicked(bool)", self.onStartTrainingButton)
         self.ui.detectDevicesButton.connect("clicked(bool)", self.onDetectDevicesButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.overlayOpacitySliderWidget.connect("valueChanged(double)", self.onOverlayOpacityChanged)
@@ -504,6 +505,149 @@ class FusionINNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     name=TRAINING_MODULE_NAME), windowTitle=_("FusionINN"))
             return
         slicer.util.selectModule(TRAINING_MODULE_NAME)
+
+    # -- train in the background (the FusionINNTraining CLI; see FusionINNTraining/FusionINNTraining.xml) --
+    # Per-widget state of the training run, set when one starts (class-level defaults).
+    _trainingNode = None  # vtkMRMLCommandLineModuleNode of the running/last training
+    _trainingOutputs = None  # {"history", "metrics", "preview": nodes, "model": path}
+    _trainingProgressBar = None  # qSlicerCLIProgressBar, created on first use
+
+    def _isTraining(self):
+        node = self._trainingNode
+        return node is not None and node.GetScene() is not None and node.IsBusy()
+
+    def onStartTrainingButton(self):
+        """Start a training run with the FusionINN Training CLI in the background, or cancel the running one.
+
+        The CLI is a separate process (``slicer.cli.run(..., wait_for_completion=False)``): the GUI
+        stays responsive, ``qSlicerCLIProgressBar`` shows its ``<filter-progress>`` reports, and
+        ``Cancel()`` stops it (the last finished epoch stays in the run folder's last.pt). Its history
+        and metrics tables come back as table nodes (typed by their .schema.tsv sidecars).
+        """
+        if self._isTraining():
+            self._trainingNode.Cancel()
+            self.ui.statusLabel.text = _("Training: cancelling...")
+            return
+        cliModule = getattr(slicer.modules, TRAINING_MODULE_NAME.lower(), None)
+        if cliModule is None:
+            self.onTrainButton()  # explains that the module is not available
+            return
+        with slicer.util.tryWithErrorDisplay(_("Training could not start."), waitCursor=True):
+            dataDirectory = self.ui.trainDataDirectoryButton.directory
+            if not dataDirectory or not os.path.isdir(dataDirectory):
+                raise ValueError(_("Choose the folder holding the BraTS-style cases (one sub-folder per case)."))
+            outputModel = self.ui.trainOutputModelPathLineEdit.currentPath
+            if not outputModel:
+                raise ValueError(_("Choose where to save the trained model (.pt file)."))
+            if not outputModel.lower().endswith(".pt"):
+                outputModel += ".pt"
+            p = self._parameterNode
+            scene = slicer.mrmlScene
+
+            def newNode(className, name):
+                return scene.AddNewNodeByClass(className, scene.GenerateUniqueName(name))
+
+            outputs = {
+                "history": newNode("vtkMRMLTableNode", "FusionINN training history"),
+                "metrics": newNode("vtkMRMLTableNode", "FusionINN training metrics"),
+                "preview": newNode("vtkMRMLScalarVolumeNode", "FusionINN training preview"),
+                "model": outputModel,
+            }
+            parameters = {
+                "dataDirectory": dataDirectory,
+                "outputModel": outputModel,
+                "epochs": int(self.ui.trainEpochsSpinBox.value),
+                "device": p.device if p is not None else "auto",
+                "amp": bool(p.amp) if p is not None else False,
+                "historyTable": outputs["history"],
+                "metricsTable": outputs["metrics"],
+                "previewVolume": outputs["preview"],
+            }
+            node = slicer.cli.run(cliModule, None, parameters, wait_for_completion=False)
+            self._trainingNode, self._trainingOutputs = node, outputs
+            if self._trainingProgressBar is None:
+                self._trainingProgressBar = slicer.qSlicerCLIProgressBar()
+                self.layout.addWidget(self._trainingProgressBar)
+            self._trainingProgressBar.setCommandLineModuleNode(node)
+            self._trainingProgressBar.setVisible(True)
+            self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self._onTrainingNodeModified)
+            self.ui.startTrainingButton.text = _("Cancel training")
+            self.ui.statusLabel.text = _("Training: running in the background (model: {path}).").format(
+                path=outputModel)
+
+    def _onTrainingNodeModified(self, node, event):
+        if node.IsBusy() or node is not self._trainingNode:
+            return
+        self.removeObserver(node, vtk.vtkCommand.ModifiedEvent, self._onTrainingNodeModified)
+        self.ui.startTrainingButton.text = _("Train")
+        outputs = self._trainingOutputs or {}
+        status = node.GetStatus()
+        if status == node.Completed:
+            # After the event: showing a dialog from inside a VTK observer callback is fragile.
+            qt.QTimer.singleShot(0, lambda: self._finishTraining(node, outputs))
+            return
+        for key in ("history", "metrics", "preview"):  # nothing usable came back
+            if outputs.get(key) is not None and outputs[key].GetScene() is not None:
+                slicer.mrmlScene.RemoveNode(outputs[key])
+        if status == node.Cancelled:
+            self.ui.statusLabel.text = _("Training cancelled; it can be resumed from last.pt in the run folder "
+                                         "(FusionINN Training module, Resume checkpoint).")
+            return
+        errorText = (node.GetErrorText() or "").strip()
+        lastLines = "\n".join(errorText.splitlines()[-8:])
+        self.ui.statusLabel.text = _("Training failed: {message}").format(
+            message=(lastLines.splitlines() or [node.GetStatusString()])[-1])
+        slicer.util.errorDisplay(_("Training failed.\n\n{message}").format(message=lastLines),
+                                 detailedText=errorText, windowTitle=_("FusionINN"))
+
+    def _finishTraining(self, node, outputs):
+        """Show the preview fusion, plot the loss curves and offer the new model for fusion (the metrics
+        table is in the scene, e.g. in the Tables module)."""
+        bestEpoch = node.GetParameterAsString("bestEpoch")
+        ssim = node.GetParameterAsString("meanDecompositionSSIM")
+        self.ui.statusLabel.text = _("Training finished: best epoch {epoch}, mean decomposition SSIM {ssim}.").format(
+            epoch=bestEpoch, ssim=ssim)
+        preview = outputs.get("preview")
+        if preview is not None and preview.GetScene() is not None and preview.GetImageData() is not None:
+            slicer.util.setSliceViewerLayers(background=preview, fit=True)
+        with slicer.util.tryWithErrorDisplay(_("Could not plot the training history."), waitCursor=True):
+            self._plotTrainingHistory(outputs["history"])
+        modelPath = outputs.get("model")
+        if not (modelPath and os.path.isfile(modelPath) and self._parameterNode is not None):
+            return
+        if slicer.util.confirmYesNoDisplay(
+                _("Training finished (best epoch {epoch}). Use the new model {path} for fusion?").format(
+                    epoch=bestEpoch, path=modelPath), windowTitle=_("FusionINN")):
+            self._parameterNode.modelSource = "file"
+            self._parameterNode.modelPath = pathlib.Path(modelPath)
+
+    def _plotTrainingHistory(self, historyTable):
+        """One plot chart: total, fusion and decomposition loss per epoch, training solid and validation dashed."""
+        table = historyTable.GetTable() if historyTable is not None else None
+        if table is None or table.GetNumberOfRows() == 0:
+            return None
+        scene = slicer.mrmlScene
+        chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", scene.GenerateUniqueName("FusionINN training losses"))
+        chart.SetTitle(_("FusionINN training"))
+        chart.SetXAxisTitle(_("epoch"))
+        chart.SetYAxisTitle(_("loss"))
+        colors = {"loss": (0.1, 0.1, 0.1), "fusion": (0.85, 0.35, 0.1), "dec": (0.1, 0.45, 0.8)}
+        for part, color in colors.items():
+            for split, lineStyle in (("train", slicer.vtkMRMLPlotSeriesNode.LineStyleSolid),
+                                     ("val", slicer.vtkMRMLPlotSeriesNode.LineStyleDash)):
+                column = f"{split}_{part}"
+                if table.GetColumnByName(column) is None:
+                    continue
+                series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", scene.GenerateUniqueName(column))
+                series.SetAndObserveTableNodeID(historyTable.GetID())
+                series.SetXColumnName("epoch")
+                series.SetYColumnName(column)
+                series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+                series.SetLineStyle(lineStyle)
+                series.SetColor(*color)
+                chart.AddAndObservePlotSeriesNodeID(series.GetID())
+        slicer.modules.plots.logic().ShowChartInLayout(chart)
+        return chart
 
 
 #

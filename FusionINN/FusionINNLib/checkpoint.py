@@ -83,7 +83,10 @@ def _read(path: Path) -> Any:
         raise
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if "Unsupported global" in str(error) or "weights_only" in str(error).lower():
+        # torch names weights_only in every unpickling failure; "Unsupported operand" is plain garbage
+        # (random bytes), everything else it refuses is a Python object a model file must not hold.
+        if "unsupported operand" not in str(error).lower() and (
+                "Unsupported global" in str(error) or "weights_only" in str(error).lower()):
             reason = "it contains Python objects that are not allowed in a model file (refused unsafe unpickling)"
         else:
             reason = f"not a readable PyTorch checkpoint ({first_line[:160]})"

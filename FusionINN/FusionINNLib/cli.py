@@ -78,7 +78,8 @@ def _add_model_device(parser: argparse.ArgumentParser, batch: bool = True) -> No
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     if batch:
         parser.add_argument("--batch-size", type=_positive_int, default=8, metavar="B",
-                            help="slices per forward pass; halved automatically on GPU out-of-memory (default: 8)")
+                            help="slices per forward pass; halved automatically on GPU out-of-memory; on the CPU "
+                                 "capped at 8 x 256 x 256 pixels per pass to bound memory (default: 8)")
 
 
 # -- fuse ---------------------------------------------------------------------------------------
@@ -238,6 +239,9 @@ def _run_metrics(args, reporter: Reporter) -> int:
     from .volume import VolumeError, read_volume
 
     volume1, volume2, fused = read_volume(args.input1), read_volume(args.input2), read_volume(args.fused)
+    for path, volume in ((args.input1, volume1), (args.input2, volume2), (args.fused, fused)):
+        if volume.array.dtype.kind == "f" and not np.isfinite(volume.array).all():
+            raise VolumeError(f"{path}: contains NaN or infinite voxels; the metrics need finite images")
     volume2, notes = prepare_inputs(volume1, volume2, log=reporter.log)
     if fused.shape != volume1.shape:
         raise VolumeError(f"{args.fused}: shape {fused.shape} differs from input 1's {volume1.shape}")
@@ -323,9 +327,89 @@ def _run_demo(args, reporter: Reporter) -> int:
     return 0
 
 
+# -- explain ------------------------------------------------------------------------------------
+def _ijk_point(text: str):
+    parts = text.replace(" ", "").split(",")
+    try:
+        values = tuple(int(v) for v in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"must be three non-negative integers i,j,k (e.g. 120,96,77), got {text}")
+    return values
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _add_explain(sub) -> None:
+    p = sub.add_parser("explain", help="FuseVis-style guidance maps and Jacobian images of a fusion",
+                       description="Explain how the fused image depends on INPUT1 and INPUT2 (FuseVis): guidance "
+                                   "maps G_k(p) = dy(p)/dx_k(p) of the fused image y = sigmoid(u) w.r.t. each "
+                                   "normalized input, computed exactly by lattice probing of the network's bounded "
+                                   "receptive field (about 7 s per 240x240 slice on 2 CPU cores), a guidance RGB "
+                                   "(R = |G1|, G = |G2| min-max normalised with gamma, B = fused), the Jacobian images "
+                                   "dy(p)/dx_k of one voxel and a scatter table of G1 vs G2. Outputs are on input 1's "
+                                   "grid; voxels outside --slices are 0. See docs/explain.md.")
+    p.add_argument("input1", help="first source image (any format SimpleITK reads)")
+    p.add_argument("input2", help="second source image (resampled onto input 1's grid if needed)")
+    p.add_argument("--guidance1", required=True, metavar="G1", help="guidance map of input 1 to write (float format)")
+    p.add_argument("--guidance2", required=True, metavar="G2", help="guidance map of input 2 to write (float format)")
+    p.add_argument("--rgb", metavar="RGB", help="guidance RGB image to write (.nrrd, .nii.gz; .png for 2-D inputs)")
+    p.add_argument("--point", type=_ijk_point, metavar="i,j,k",
+                   help="a voxel of input 1 as its IJK index (Slicer/ITK order: i = column, j = row, k = slice)")
+    p.add_argument("--jacobian1", metavar="J1", help="Jacobian image dy(point)/dx1 to write (needs --point)")
+    p.add_argument("--jacobian2", metavar="J2", help="Jacobian image dy(point)/dx2 to write (needs --point)")
+    p.add_argument("--scatter", metavar="TSV",
+                   help="table of guidance 1 vs 2 per voxel of the explained slices (columns k j i guidance1 "
+                        "guidance2 neighbourhood; neighbourhood = 1 near --point)")
+    p.add_argument("--scatter-radius", type=int, default=5, metavar="N",
+                   help="in-plane half-width of the --point neighbourhood flagged in --scatter (default: 5)")
+    p.add_argument("--slices", metavar="a:b",
+                   help="slices to explain along --axis, half-open like Python (e.g. 70:80) or one index "
+                        "(default: all slices, about 7 s each on a 2-core CPU)")
+    spacing = p.add_mutually_exclusive_group()
+    spacing.add_argument("--spacing", type=_positive_int, metavar="S",
+                         help="lattice spacing: >= receptive radius + 1 (16 for the reference network, the default) "
+                              "is exact, smaller is faster and approximate")
+    spacing.add_argument("--approximate", action="store_true",
+                         help="faster, approximate guidance (spacing 12: 1.8x faster; error in docs/explain.md)")
+    p.add_argument("--gamma", type=_positive_float, default=1.0, metavar="G",
+                   help="gamma correction of the RGB guidance channels, v^G (FuseVis offers 0.1-2; default: 1)")
+    _add_model_device(p, batch=False)
+    p.add_argument("--axis", type=int, choices=(0, 1, 2), default=0,
+                   help="slice axis in numpy (k, j, i) order, as for 'fusioninn fuse' (default: 0)")
+    p.add_argument("--normalization", choices=("volume", "slice"), default="volume",
+                   help="intensity normalization, as for 'fusioninn fuse' (default: volume)")
+    _add_common(p)
+    p.set_defaults(run=_run_explain)
+
+
+def _run_explain(args, reporter: Reporter) -> int:
+    from .explain import explain_files
+
+    with reporter.progress("explain") as progress:
+        result = explain_files(args.input1, args.input2, args.guidance1, args.guidance2, rgb=args.rgb,
+                               point_ijk=args.point, jacobian1=args.jacobian1, jacobian2=args.jacobian2,
+                               scatter=args.scatter, slices=args.slices, model=args.model, axis=args.axis,
+                               normalization=args.normalization, spacing=args.spacing,
+                               approximate=args.approximate, gamma=args.gamma, scatter_radius=args.scatter_radius,
+                               device=args.device, progress=progress, log=reporter.log)
+    output = result.output
+    kind = "exact" if output.exact else "approximate"
+    reporter.log(f"{kind} guidance (lattice spacing {output.spacing}, receptive radius {output.receptive_radius}) "
+                 f"of slices {output.slices[0]}:{output.slices[1]}; wrote {', '.join(result.written)}")
+    return 0
+
+
 # -- main ---------------------------------------------------------------------------------------
 COMMANDS = [_add_demo, _add_fuse, _add_decompose, _add_metrics, _add_phantom]
 COMMANDS.append(_add_batch)
+COMMANDS.append(_add_explain)
 
 
 def build_parser() -> argparse.ArgumentParser:

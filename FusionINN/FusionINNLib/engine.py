@@ -23,6 +23,11 @@ import torch
 from .model import FusionFlow
 
 PRIORS = ("normal", "zeros", "ones", "uniform")
+# On the CPU one forward pass holds at most this many (padded) pixels: batch 8 of 256x256 slices.
+# The activations of a batch (32 channels at full resolution, several alive at once) grow with
+# batch x height x width; capping their product keeps a 512x512x400 volume within its memory budget
+# (docs/robustness.md) and costs no speed, since 2 slices of 512x512 are as many pixels as 8 of 256x256.
+CPU_BATCH_PIXELS = 8 * 256 * 256
 DEVICES = ("auto", "cpu", "cuda", "mps")
 LOGIT_EPS = 1e-7
 ProgressCallback = Callable[[float], None]
@@ -127,7 +132,8 @@ class SliceEngine:
 
     def __init__(self, model: FusionFlow, device: str = "auto", batch_size: int = 8, amp: bool = False,
                  channels_last: bool = True, progress: Optional[ProgressCallback] = None,
-                 cancel: Optional[CancelCheck] = None, log: Optional[Callable[[str], None]] = None):
+                 cancel: Optional[CancelCheck] = None, log: Optional[Callable[[str], None]] = None,
+                 batch_pixels: Optional[int] = None):
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
         self.device = select_device(device) if isinstance(device, str) else device
@@ -140,16 +146,26 @@ class SliceEngine:
         self.progress = progress
         self.cancel = cancel
         self.log = log or (lambda message: None)
+        # GPU memory is governed by the out-of-memory halving; host memory by this cap.
+        self.batch_pixels = batch_pixels if batch_pixels is not None else (
+            CPU_BATCH_PIXELS if self.device.type == "cpu" else None)
 
     # -- batching ---------------------------------------------------------------------------
-    def _batches(self, count: int, work: Callable[[int, int], None], done_offset: float = 0.0,
-                 weight: float = 1.0) -> None:
+    def batch_limit(self, slice_pixels: int) -> int:
+        """Slices per forward pass: ``batch_size``, capped at ``batch_pixels`` padded pixels."""
+        if self.batch_pixels is None:
+            return self.batch_size
+        return max(1, min(self.batch_size, self.batch_pixels // max(1, slice_pixels)))
+
+    def _batches(self, count: int, work: Callable[[int, int], None], slice_pixels: int = 1,
+                 done_offset: float = 0.0, weight: float = 1.0) -> None:
         """Call ``work(start, stop)`` over [0, count) in batches; halve the batch on OOM."""
         start = 0
         while start < count:
             if self.cancel is not None and self.cancel():
                 raise Cancelled("cancelled by the user")
-            stop = min(start + self.batch_size, count)
+            size = self.batch_limit(slice_pixels)
+            stop = min(start + size, count)
             try:
                 work(start, stop)
             except Exception as error:  # noqa: BLE001 - re-raised unless it is an OOM we can handle
@@ -157,11 +173,11 @@ class SliceEngine:
                     raise
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                if self.batch_size == 1:
+                if size == 1:
                     raise RuntimeError(
                         f"out of memory on {self.device} even with batch size 1; use --device cpu"
                     ) from None
-                self.batch_size = max(1, self.batch_size // 2)
+                self.batch_size = max(1, size // 2)
                 self.log(f"out of memory on {self.device}: retrying with batch size {self.batch_size}")
                 continue
             start = stop
@@ -213,7 +229,7 @@ class SliceEngine:
                 residual = u.double() - logit(y_kept.double())
                 latent[1, start:stop] = residual[:, 0].float().cpu().numpy()
 
-        self._batches(count, work)
+        self._batches(count, work, hp * wp)
         if latent is not None:
             latent = np.moveaxis(latent, 1, axis + 1) if axis != 0 else latent
         return FuseArrays(np.moveaxis(fused, 0, axis), latent)
@@ -256,7 +272,7 @@ class SliceEngine:
             x = x[:, :, :height, :width].float().cpu().numpy()
             out1[start:stop], out2[start:stop] = x[:, 0], x[:, 1]
 
-        self._batches(count, work)
+        self._batches(count, work, expected[2] * expected[3])
         return np.moveaxis(out1, 0, axis), np.moveaxis(out2, 0, axis)
 
     def decompose_sampled(self, fused: np.ndarray, axis: int = 0, samples: int = 1, seed: int = 0,
@@ -295,7 +311,8 @@ class SliceEngine:
                 std[:, start:stop] = variance.sqrt()[:, :, :height, :width].float().cpu().numpy().transpose(
                     1, 0, 2, 3)
 
-        self._batches(count, work)
+        multiple = self.model.pad_multiple
+        self._batches(count, work, padded_size(height, multiple) * padded_size(width, multiple))
         def back(array: Optional[np.ndarray]) -> Optional[np.ndarray]:
             return None if array is None else np.moveaxis(array, 0, axis)
 

@@ -15,16 +15,23 @@ ordinary MRI, but z-scored exports (BraTS 2013/2015) fill it with another consta
 frequent of {0, minimum, corner values} is taken as background. A constant volume or slice has
 hi == lo; its scale is then 1, so it maps to zeros instead of NaN. NaN/Inf voxels are replaced by
 the background value before normalizing and counted in ``NormalizationParams.nonfinite``.
+
+Memory: a 512x512x400 volume has 105 M voxels, so every float64 copy costs 0.84 GB. The
+arithmetic is still float64 (the same numbers as a whole-volume float64 computation), but it runs
+on blocks of about ``BLOCK_VOXELS`` voxels along axis 0, the foreground values for the percentiles
+are gathered in the source's own type and the percentiles come from an in-place partial sort.
+Peak extra memory is then the float32 result plus about one source-typed copy of the foreground.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import List
+from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 
 MODES = ("volume", "slice")
 ROBUST_PERCENTILES = (0.5, 99.5)
+BLOCK_VOXELS = 1 << 22  # 4 M voxels: 32 MiB per float64 block
 
 
 @dataclass
@@ -64,7 +71,9 @@ class NormalizationParams:
 def background_value(array: np.ndarray) -> float:
     """The most frequent of 0, the minimum and the corner values (z-scored exports fill the
     background with a constant that need not be the minimum)."""
-    finite = array[np.isfinite(array)]
+    array = np.asarray(array)
+    # Integer images are finite by construction: skip the (whole-volume) finite-voxel copy.
+    finite = array.reshape(-1) if array.dtype.kind in "biu" else array[np.isfinite(array)]
     if finite.size == 0:
         return 0.0
     corners = array[tuple(np.ix_(*[[0, n - 1] for n in array.shape]))].reshape(-1)
@@ -93,6 +102,50 @@ def _broadcast(values: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     return values.reshape(shape)
 
 
+def _blocks(data: np.ndarray) -> Iterator[slice]:
+    """Ranges along axis 0 holding about ``BLOCK_VOXELS`` voxels each."""
+    per_index = max(1, data.size // max(1, data.shape[0]))
+    step = max(1, BLOCK_VOXELS // per_index)
+    for start in range(0, data.shape[0], step):
+        yield slice(start, min(start + step, data.shape[0]))
+
+
+def _float64_block(data: np.ndarray, rows: slice, background: Optional[float]) -> np.ndarray:
+    """``data[rows]`` as a float64 copy, NaN/Inf replaced by ``background`` when it is given."""
+    block = data[rows].astype(np.float64)
+    if background is not None:
+        block[~np.isfinite(block)] = background
+    return block
+
+
+def _along_axis(values: np.ndarray, ndim: int, axis: int, rows: slice) -> np.ndarray:
+    """Per-slice ``values`` shaped to broadcast against ``data[rows]``."""
+    shaped = _broadcast(values, ndim, axis)
+    return shaped[rows] if axis == 0 else shaped
+
+
+def linear_percentiles(values: np.ndarray, percentiles: Sequence[float]) -> np.ndarray:
+    """``np.percentile(values, percentiles)`` (linear method) without copying ``values``.
+
+    With n sorted values v, the q-th percentile is at position p = q/100 (n - 1):
+    v[floor(p)] + (p - floor(p)) (v[floor(p) + 1] - v[floor(p)]). ``values`` (a scratch 1-D array
+    the caller no longer needs) is partially sorted in place so that those order statistics sit
+    at their sorted positions; the interpolation is float64.
+    """
+    count = values.size
+    positions = [q / 100.0 * (count - 1) for q in percentiles]
+    below = [int(np.floor(p)) for p in positions]
+    above = [min(b + 1, count - 1) for b in below]
+    values.partition(sorted(set(below + above)))
+    result = []
+    for position, low, high in zip(positions, below, above):
+        a, b = float(values[low]), float(values[high])
+        t = position - low
+        # numpy's lerp: from the nearer end, so that t = 1 gives b exactly
+        result.append(a + (b - a) * t if t < 0.5 else b - (b - a) * (1.0 - t))
+    return np.asarray(result, dtype=np.float64)
+
+
 def normalize_volume(
     array: np.ndarray, mode: str = "volume", axis: int = 0
 ) -> tuple[np.ndarray, NormalizationParams]:
@@ -104,27 +157,44 @@ def normalize_volume(
         raise ValueError("cannot normalize an empty image")
     if np.iscomplexobj(data):
         raise ValueError("complex-valued images are not supported")
+    if data.dtype.kind not in "biuf":
+        raise ValueError(f"cannot normalize voxels of type {data.dtype}")
     axis = axis % data.ndim
     source_dtype = str(data.dtype)
-    data = data.astype(np.float64, copy=True)
-    nonfinite_mask = ~np.isfinite(data)
-    nonfinite = int(nonfinite_mask.sum())
-    if nonfinite:
-        data[nonfinite_mask] = background_value(data)
+    nonfinite = 0 if data.dtype.kind in "biu" else int(data.size - np.count_nonzero(np.isfinite(data)))
+    background = background_value(data) if nonfinite else None
 
     if mode == "volume":
-        mask = foreground_mask(data)
-        lo, hi = np.percentile(data[mask], ROBUST_PERCENTILES)
-        offset = np.array([lo])
+        foreground = data[foreground_mask(data)]  # source dtype: no float64 copy of the volume
+        if foreground.size == 0:  # nothing finite at all: every voxel becomes the background
+            lo = hi = float(background or 0.0)
+        else:
+            lo, hi = linear_percentiles(foreground, ROBUST_PERCENTILES)
+        del foreground
+        offset = np.array([lo], dtype=np.float64)
         scale = _safe_scale(np.array([hi - lo]))
-        normalized = (data - offset[0]) / scale[0]
     else:
         other_axes = tuple(i for i in range(data.ndim) if i != axis)
-        lo = data.min(axis=other_axes) if other_axes else data
-        hi = data.max(axis=other_axes) if other_axes else data
-        offset = np.asarray(lo, dtype=np.float64).reshape(-1)
-        scale = _safe_scale(np.asarray(hi, dtype=np.float64).reshape(-1) - offset)
-        normalized = (data - _broadcast(offset, data.ndim, axis)) / _broadcast(scale, data.ndim, axis)
+        lo = np.full(data.shape[axis], np.inf)
+        hi = np.full(data.shape[axis], -np.inf)
+        for rows in _blocks(data):
+            block = _float64_block(data, rows, background)
+            block_lo = block.min(axis=other_axes) if other_axes else block
+            block_hi = block.max(axis=other_axes) if other_axes else block
+            if axis == 0:
+                lo[rows], hi[rows] = block_lo, block_hi
+            else:
+                np.minimum(lo, block_lo, out=lo)
+                np.maximum(hi, block_hi, out=hi)
+        offset = lo
+        scale = _safe_scale(hi - offset)
+
+    normalized = np.empty(data.shape, dtype=np.float32)
+    for rows in _blocks(data):
+        block = _float64_block(data, rows, background)
+        block -= _along_axis(offset, data.ndim, axis, rows) if mode == "slice" else offset[0]
+        block /= _along_axis(scale, data.ndim, axis, rows) if mode == "slice" else scale[0]
+        normalized[rows] = block
 
     params = NormalizationParams(
         mode=mode,
@@ -134,32 +204,39 @@ def normalize_volume(
         nonfinite=nonfinite,
         source_dtype=source_dtype,
     )
-    return normalized.astype(np.float32), params
+    return normalized, params
+
+
+def _check_slices(data: np.ndarray, params: NormalizationParams) -> int:
+    axis = params.axis % data.ndim
+    if params.mode == "slice" and data.shape[axis] != len(params.offset):
+        raise ValueError(
+            f"normalization record has {len(params.offset)} slices but the image has "
+            f"{data.shape[axis]} along axis {axis}"
+        )
+    return axis
+
+
+def _affine_float32(data: np.ndarray, params: NormalizationParams, with_offset: bool) -> np.ndarray:
+    """x * scale (+ offset) in float64, block by block, stored as float32."""
+    axis = _check_slices(data, params)
+    offset = np.asarray(params.offset, dtype=np.float64)
+    scale = np.asarray(params.scale, dtype=np.float64)
+    restored = np.empty(data.shape, dtype=np.float32)
+    for rows in _blocks(data):
+        block = data[rows].astype(np.float64)
+        block *= _along_axis(scale, data.ndim, axis, rows) if params.mode == "slice" else scale[0]
+        if with_offset:
+            block += _along_axis(offset, data.ndim, axis, rows) if params.mode == "slice" else offset[0]
+        restored[rows] = block
+    return restored
 
 
 def denormalize_volume(array: np.ndarray, params: NormalizationParams) -> np.ndarray:
     """Inverse of ``normalize_volume``: back to source intensity units (float32)."""
-    data = np.asarray(array, dtype=np.float64)
-    offset = np.asarray(params.offset, dtype=np.float64)
-    scale = np.asarray(params.scale, dtype=np.float64)
-    if params.mode == "volume":
-        restored = data * scale[0] + offset[0]
-    else:
-        axis = params.axis % data.ndim
-        if data.shape[axis] != offset.size:
-            raise ValueError(
-                f"normalization record has {offset.size} slices but the image has "
-                f"{data.shape[axis]} along axis {axis}"
-            )
-        restored = data * _broadcast(scale, data.ndim, axis) + _broadcast(offset, data.ndim, axis)
-    return restored.astype(np.float32)
+    return _affine_float32(np.asarray(array), params, with_offset=True)
 
 
 def denormalize_std(array: np.ndarray, params: NormalizationParams) -> np.ndarray:
     """Scale a standard-deviation map (no offset) into source units."""
-    data = np.asarray(array, dtype=np.float64)
-    scale = np.asarray(params.scale, dtype=np.float64)
-    if params.mode == "volume":
-        return (data * scale[0]).astype(np.float32)
-    axis = params.axis % data.ndim
-    return (data * _broadcast(scale, data.ndim, axis)).astype(np.float32)
+    return _affine_float32(np.asarray(array), params, with_offset=False)

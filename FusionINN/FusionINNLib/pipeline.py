@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -24,11 +24,26 @@ import SimpleITK as sitk
 from .checkpoint import LoadedModel, resolve_model
 from .engine import CancelCheck, ProgressCallback, SliceEngine
 from .normalization import NormalizationParams, denormalize_std, denormalize_volume, normalize_volume
-from .volume import OutputSet, Volume, VolumeError, overlaps, read_volume, resample_like
+from .volume import (
+    DETACHED_HEADER_SUFFIXES,
+    INTEGER_ONLY_SUFFIXES,
+    SINGLE_SLICE_SUFFIXES,
+    OutputSet,
+    Volume,
+    VolumeError,
+    check_complete_file,
+    overlaps,
+    read_volume,
+    resample_like,
+    temporary_sibling,
+)
 
 RECORD_FORMAT = "fusioninn-record"
 RECORD_KEY = "FusionINN_record"
 RECORD_VERSION = 1
+# A fused image holds y = sigmoid(u) in [0, 1]; resampling it (e.g. cubic, in a viewer) may
+# overshoot a little, which is clipped. Anything further out is not a fused image.
+FUSED_RANGE_TOLERANCE = 0.01
 PathLike = Union[str, "os.PathLike[str]"]
 Log = Callable[[str], None]
 
@@ -70,6 +85,72 @@ def prepare_inputs(volume1: Volume, volume2: Volume, log: Log = print) -> Tuple[
     return resampled, notes
 
 
+@dataclass
+class NormalizedPair:
+    """Both inputs normalized on input 1's grid; ``geometry`` keeps input 1's grid, not its voxels."""
+
+    geometry: Volume
+    x1: np.ndarray
+    x2: np.ndarray
+    params: Tuple[NormalizationParams, NormalizationParams]
+    notes: List[str]
+
+
+def normalize_pair(volume1: Volume, volume2: Volume, *, axis: int = 0, normalization: str = "volume",
+                   log: Log = print, input_names: Tuple[str, str] = ("input1", "input2")) -> NormalizedPair:
+    """Input 2 onto input 1's grid, both normalized: everything fusion needs from the inputs.
+
+    Once this returns, the source voxels are no longer needed: a caller that does not keep the
+    volumes (``fuse_files``) frees two volumes of memory before the network runs.
+    """
+    _check_axis(axis)
+    volume2, notes = prepare_inputs(volume1, volume2, log)
+    for name, volume in zip(input_names, (volume1, volume2)):
+        if volume.array.dtype.kind == "f" and not np.isfinite(volume.array).any():
+            raise VolumeError(f"{name}: every voxel is NaN or infinite; there is no image to fuse")
+    normalized = []
+    for name, volume in zip(input_names, (volume1, volume2)):
+        try:
+            normalized.append(normalize_volume(volume.array, normalization, axis))
+        except ValueError as error:  # complex or non-numeric voxels: name the input
+            raise VolumeError(f"{name}: {error}") from None
+    (x1, params1), (x2, params2) = normalized
+    del normalized
+    for name, params in zip(input_names, (params1, params2)):
+        if params.nonfinite:
+            notes.append(f"{name}: {params.nonfinite} NaN/Inf voxels replaced by the background value")
+            log(notes[-1])
+    # A zero-strided view: the grid and shape of input 1 without holding on to its voxels.
+    geometry = replace(volume1, array=np.broadcast_to(np.zeros((), np.float32), volume1.shape), metadata={},
+                       notes=[])
+    return NormalizedPair(geometry, x1, x2, (params1, params2), notes)
+
+
+def fuse_normalized(pair: NormalizedPair, model: LoadedModel, *, axis: int = 0, keep_latent: bool = False,
+                    device: str = "auto", batch_size: int = 8, amp: bool = False,
+                    progress: Optional[ProgressCallback] = None, cancel: Optional[CancelCheck] = None,
+                    log: Log = print, input_names: Tuple[str, str] = ("input1", "input2")) -> FusionOutput:
+    """The network part of :func:`fuse_volumes`, on inputs from :func:`normalize_pair`."""
+    notes = pair.notes
+    if keep_latent and amp:
+        amp = False
+        notes.append("AMP disabled: a kept latent needs float32 for an exact decomposition")
+    engine = SliceEngine(model.model, device, batch_size, amp, progress=progress, cancel=cancel, log=log)
+    result = engine.fuse(pair.x1, pair.x2, axis=axis, keep_latent=keep_latent)
+    record = {
+        "format": RECORD_FORMAT,
+        "version": RECORD_VERSION,
+        "axis": axis,
+        "normalization": [pair.params[0].to_dict(), pair.params[1].to_dict()],
+        "model": model.describe(),
+        "device": str(engine.device),
+        "inputs": list(input_names),
+        "notes": notes,
+    }
+    fused = pair.geometry.with_array(result.fused)
+    return FusionOutput(fused, result.latent, record, notes)
+
+
 def fuse_volumes(volume1: Volume, volume2: Volume, model: Optional[LoadedModel] = None, *,
                  axis: int = 0, normalization: str = "volume", keep_latent: bool = False,
                  device: str = "auto", batch_size: int = 8, amp: bool = False,
@@ -78,30 +159,10 @@ def fuse_volumes(volume1: Volume, volume2: Volume, model: Optional[LoadedModel] 
     """Fuse two volumes; the result is on ``volume1``'s grid with values y in [0, 1]."""
     _check_axis(axis)
     model = model or resolve_model()
-    volume2, notes = prepare_inputs(volume1, volume2, log)
-    x1, params1 = normalize_volume(volume1.array, normalization, axis)
-    x2, params2 = normalize_volume(volume2.array, normalization, axis)
-    for name, params in zip(input_names, (params1, params2)):
-        if params.nonfinite:
-            notes.append(f"{name}: {params.nonfinite} NaN/Inf voxels replaced by the background value")
-            log(notes[-1])
-    if keep_latent and amp:
-        amp = False
-        notes.append("AMP disabled: a kept latent needs float32 for an exact decomposition")
-    engine = SliceEngine(model.model, device, batch_size, amp, progress=progress, cancel=cancel, log=log)
-    result = engine.fuse(x1, x2, axis=axis, keep_latent=keep_latent)
-    record = {
-        "format": RECORD_FORMAT,
-        "version": RECORD_VERSION,
-        "axis": axis,
-        "normalization": [params1.to_dict(), params2.to_dict()],
-        "model": model.describe(),
-        "device": str(engine.device),
-        "inputs": list(input_names),
-        "notes": notes,
-    }
-    fused = volume1.with_array(result.fused)
-    return FusionOutput(fused, result.latent, record, notes)
+    pair = normalize_pair(volume1, volume2, axis=axis, normalization=normalization, log=log,
+                          input_names=input_names)
+    return fuse_normalized(pair, model, axis=axis, keep_latent=keep_latent, device=device, batch_size=batch_size,
+                           amp=amp, progress=progress, cancel=cancel, log=log, input_names=input_names)
 
 
 def decompose_volume(fused: Volume, record: Optional[Dict[str, Any]] = None,
@@ -109,15 +170,18 @@ def decompose_volume(fused: Volume, record: Optional[Dict[str, Any]] = None,
                      samples: int = 1, seed: int = 0, temperature: float = 1.0, prior: str = "normal",
                      device: str = "auto", batch_size: int = 8,
                      progress: Optional[ProgressCallback] = None, cancel: Optional[CancelCheck] = None,
-                     log: Log = print, allow_model_mismatch: bool = False) -> DecompositionOutput:
+                     log: Log = print, allow_model_mismatch: bool = False,
+                     name: str = "the fused volume") -> DecompositionOutput:
     """Decompose ``fused`` into source estimates in source units (when the record is known).
 
     With ``latent`` (from fusion with ``keep_latent``) the result is the exact inverse. Otherwise
     ``samples`` latents are drawn from ``prior`` (scaled by ``temperature``) and the per-voxel mean
-    is returned, plus the per-voxel standard deviation when ``samples > 1``.
+    is returned, plus the per-voxel standard deviation when ``samples > 1``. ``name`` (the file)
+    is what error messages call the fused volume.
     """
     model = model or resolve_model()
     notes: List[str] = []
+    y = fused_values(fused.array, name, notes, log)  # first: a wrong image is refused before any note
     axis = 0
     params: Optional[Tuple[NormalizationParams, NormalizationParams]] = None
     if record is not None:
@@ -128,9 +192,6 @@ def decompose_volume(fused: Volume, record: Optional[Dict[str, Any]] = None,
     else:
         notes.append("no fusion record: decomposed images are in normalized units [0, 1], slices along axis 0")
         log(notes[-1])
-    y = np.asarray(fused.array, dtype=np.float32)
-    if not np.isfinite(y).all():
-        raise VolumeError("the fused volume contains NaN/Inf voxels")
     engine = SliceEngine(model.model, device, batch_size, progress=progress, cancel=cancel, log=log)
     std = (None, None)
     if latent is not None:
@@ -139,7 +200,9 @@ def decompose_volume(fused: Volume, record: Optional[Dict[str, Any]] = None,
         x1, x2, s1, s2 = engine.decompose_sampled(y, axis, samples, seed, temperature, prior)
         std = (s1, s2)
     if params is not None:
-        x1, x2 = denormalize_volume(x1, params[0]), denormalize_volume(x2, params[1])
+        # one at a time: only one extra volume is alive during the conversion
+        x1 = denormalize_volume(x1, params[0])
+        x2 = denormalize_volume(x2, params[1])
         std = tuple(None if s is None else denormalize_std(s, p) for s, p in zip(std, params))
     output = DecompositionOutput(fused.with_array(x1), fused.with_array(x2), notes=notes)
     if std[0] is not None:
@@ -147,14 +210,41 @@ def decompose_volume(fused: Volume, record: Optional[Dict[str, Any]] = None,
     return output
 
 
+def fused_values(array: np.ndarray, name: str, notes: List[str], log: Log) -> np.ndarray:
+    """The fused image y in [0, 1] as float32, or a clear error when it cannot be one.
+
+    8-bit files (PNG/JPEG/BMP outputs of ``fuse``) store round(255 y): they are scaled back with
+    a note, since the quantisation makes the decomposition approximate.
+    """
+    if array.dtype == np.uint8:
+        notes.append(f"{name}: 8-bit fused image read as value/255; 8-bit quantisation makes the "
+                     "decomposition approximate (use a float format such as .nrrd for exact results)")
+        log(notes[-1])
+        return array.astype(np.float32) / np.float32(255.0)
+    y = np.asarray(array, dtype=np.float32)
+    if not np.isfinite(y).all():
+        raise VolumeError(f"{name}: the fused volume contains NaN/Inf voxels")
+    low, high = float(y.min()), float(y.max())
+    if low < -FUSED_RANGE_TOLERANCE or high > 1.0 + FUSED_RANGE_TOLERANCE:
+        raise VolumeError(f"{name}: values range from {low:.6g} to {high:.6g}, but a fused image lies in "
+                          "[0, 1]; is this a fused image written by 'fusioninn fuse'?")
+    if low < 0.0 or high > 1.0:
+        y = np.clip(y, 0.0, 1.0)
+    return y
+
+
 def check_record_model(record: Dict[str, Any], model: LoadedModel, allow_mismatch: bool,
                        notes: List[str], log: Log) -> None:
-    recorded = (record.get("model") or {}).get("sha256", "")
-    if not recorded or not model.sha256 or recorded == model.sha256:
+    recorded_model = record.get("model") or {}
+    recorded = recorded_model.get("sha256", "")
+    recorded_config = recorded_model.get("config")
+    same_architecture = not isinstance(recorded_config, dict) or recorded_config == model.config.to_dict()
+    if same_architecture and (not recorded or not model.sha256 or recorded == model.sha256):
         return
-    message = (f"the fused volume was made with model {recorded[:12]} "
-               f"({(record.get('model') or {}).get('path', '?')}) but decomposition uses "
-               f"{model.sha256[:12]} ({model.source})")
+    message = (f"the fused volume was made with model {recorded[:12] or '(unsaved)'} "
+               f"({recorded_model.get('path', '?')}) but decomposition uses "
+               f"{model.sha256[:12] or '(unsaved)'} ({model.source})"
+               + ("" if same_architecture else ", a different architecture"))
     if not allow_mismatch:
         raise ValueError(message + "; pass the same --model (or --ignore-model-mismatch)")
     notes.append("warning: " + message)
@@ -177,7 +267,10 @@ def read_record(fused_path: PathLike, volume: Optional[Volume] = None) -> Option
     text = (volume.metadata.get(RECORD_KEY) if volume is not None else None)
     sidecar = record_sidecar(fused_path)
     if text is None and sidecar.is_file():
-        text = sidecar.read_text(encoding="utf-8")
+        try:
+            text = sidecar.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"{sidecar}: cannot read the fusion record ({type(error).__name__})") from None
     if text is None:
         return None
     try:
@@ -186,9 +279,33 @@ def read_record(fused_path: PathLike, volume: Optional[Volume] = None) -> Option
         raise ValueError(f"{fused_path}: the fusion record is not valid JSON") from None
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
         raise ValueError(f"{fused_path}: unrecognized fusion record")
-    if int(record.get("version", 0)) > RECORD_VERSION:
+    try:
+        version = int(record.get("version", 0))
+    except (TypeError, ValueError):
+        raise ValueError(f"{fused_path}: fusion record has an invalid version {record.get('version')!r}") from None
+    if version > RECORD_VERSION:
         raise ValueError(f"{fused_path}: fusion record version {record.get('version')} is newer than this software")
+    normalization = record.get("normalization")
+    try:
+        if not isinstance(normalization, list) or len(normalization) != 2:
+            raise ValueError("it needs two normalization entries")
+        for entry in normalization:
+            NormalizationParams.from_dict(entry)
+        if int(record.get("axis", 0)) not in (0, 1, 2):
+            raise ValueError(f"axis {record.get('axis')!r} is not 0, 1 or 2")
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{fused_path}: damaged fusion record ({' '.join(str(error).split())[:200]})") from None
     return record
+
+
+def check_record_fits(record: Dict[str, Any], volume: Volume, name: str) -> None:
+    """A per-slice record must have one entry per slice of the fused volume."""
+    axis = int(record.get("axis", 0))
+    for entry in record["normalization"]:
+        params = NormalizationParams.from_dict(entry)
+        if params.mode == "slice" and len(params.offset) != volume.shape[axis]:
+            raise ValueError(f"{name}: its fusion record describes {len(params.offset)} slices along axis {axis} "
+                             f"but the image has {volume.shape[axis]}; was the image cropped or resampled?")
 
 
 def latent_image(latent: np.ndarray, reference: Volume, axis: int) -> sitk.Image:
@@ -212,33 +329,105 @@ def read_latent(path: PathLike) -> np.ndarray:
         raise VolumeError(f"{path}: cannot read latent image (damaged or unknown format)") from None
     if image.GetNumberOfComponentsPerPixel() != 2 or image.GetDimension() != 3:
         raise VolumeError(f"{path}: not a FusionINN latent (expected a 3-D image with 2 components)")
-    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    check_complete_file(path, image)
+    array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    del image
+    if not np.isfinite(array).all():
+        raise VolumeError(f"{path}: the latent contains NaN/Inf values")
     return np.moveaxis(array, -1, 0)
 
 
-def _check_outputs(inputs: List[Path], outputs: List[Optional[PathLike]]) -> None:
+def check_latent_fits(latent: np.ndarray, fused: Volume, model: LoadedModel, axis: int, name: str) -> None:
+    """The kept latent must be on the fused volume's padded slice grid (see ``latent_image``)."""
+    multiple = model.config.pad_multiple
+    in_plane = [size for index, size in enumerate(fused.shape) if index != axis]
+    dims = [-(-size // multiple) * multiple for size in in_plane]  # padded up to the squeezes' multiple
+    dims.insert(axis, fused.shape[axis])
+    expected_shape = (2, *dims)
+    if tuple(latent.shape) != expected_shape:
+        raise VolumeError(f"{name}: latent of shape {tuple(latent.shape[1:])} does not belong to this fused volume "
+                          f"(expected {tuple(expected_shape[1:])}); use the latent written with it")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)  # also hard links
+    except OSError:
+        return False
+
+
+def probe_output_format(path: Path) -> None:
+    """Fail now, not after the computation, when ``path``'s format cannot be written there.
+
+    Writes a 2x2 image of the output's kind to a temporary sibling and removes it. Detached-header
+    formats are refused: their second (data) file cannot be renamed together with the header.
+    """
+    name = path.name.lower()
+    if name.endswith(DETACHED_HEADER_SUFFIXES) or name.endswith(".img.gz"):
+        raise VolumeError(f"{path}: this format writes a separate data file, which cannot be written "
+                          "all-or-nothing; use a single-file format (.nrrd, .mha, .nii.gz)")
+    if name.endswith((".json", ".txt", ".tsv", ".csv")):
+        return  # text outputs
+    if name.endswith(INTEGER_ONLY_SUFFIXES):
+        probe = sitk.Image(2, 2, sitk.sitkUInt8)
+    else:
+        probe = sitk.Image(2, 2, 2, sitk.sitkFloat32)
+    temp = temporary_sibling(path)
+    try:
+        sitk.WriteImage(probe, str(temp))
+    except RuntimeError:
+        suffix = "".join(path.suffixes[-2:]) if name.endswith(".gz") else path.suffix
+        raise VolumeError(f"{path}: cannot write images in the '{suffix or '(no extension)'}' format; "
+                          "use .nrrd, .mha, .nii.gz, .nii (or .png/.tif for 2-D images)") from None
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def check_output_slices(path: Optional[PathLike], volume: Volume) -> None:
+    """PNG/JPEG/BMP hold one slice: ITK would silently keep only the first of a 3-D volume."""
+    if path is not None and Path(path).name.lower().endswith(SINGLE_SLICE_SUFFIXES) and volume.shape[0] > 1:
+        raise VolumeError(f"{path}: this 2-D format holds one slice but the volume has {volume.shape[0]}; "
+                          "use .nrrd, .mha, .nii.gz or .tif")
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symbolic-link loop: reading it fails later with its own message
+        return Path(os.path.abspath(path))
+
+
+def check_outputs(inputs: List[Path], outputs: List[Optional[PathLike]]) -> None:
     chosen = [Path(o) for o in outputs if o is not None]
-    resolved_inputs = {p.resolve() for p in inputs}
+    resolved_inputs = {_resolved(p) for p in inputs}
     for out in chosen:
-        if out.resolve() in resolved_inputs:
+        if _resolved(out) in resolved_inputs or any(_same_file(out, p) for p in inputs):
             raise ValueError(f"{out}: output would overwrite an input file")
         if out.exists() and out.is_dir():
             raise ValueError(f"{out}: output is a directory; give a file name")
+        if out.exists() and not out.is_file():
+            raise ValueError(f"{out}: output exists and is not a regular file (a pipe, socket or device)")
         if not out.parent.exists():
             raise FileNotFoundError(f"{out.parent}: output folder does not exist")
         if not os.access(out.parent, os.W_OK):
             raise PermissionError(f"{out.parent}: output folder is not writable")
-    if len({o.resolve() for o in chosen}) != len(chosen):
+    if len({_resolved(o) for o in chosen}) != len(chosen):
         raise ValueError("two outputs share the same file name")
+    for out in chosen:
+        probe_output_format(out)
+
+
+def check_latent_format(latent_path: Optional[PathLike]) -> None:
+    if latent_path is not None and Path(latent_path).suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp",
+                                                                         ".tif", ".tiff"):
+        raise VolumeError(f"{latent_path}: the latent needs a float format (.nrrd, .mha, .nii.gz)")
 
 
 def write_fused(output: FusionOutput, path: PathLike, latent_path: Optional[PathLike] = None) -> None:
     """Fused image, JSON sidecar and (optionally) latent, all or nothing."""
     path = Path(path)
     text = json.dumps(output.record)
-    if latent_path is not None and Path(latent_path).suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp",
-                                                                         ".tif", ".tiff"):
-        raise VolumeError(f"{latent_path}: the latent needs a float format (.nrrd, .mha, .nii.gz)")
+    check_latent_format(latent_path)
     with OutputSet() as outputs:
         if latent_path is not None:
             if output.latent is None:
@@ -252,11 +441,20 @@ def fuse_files(input1: PathLike, input2: PathLike, output: PathLike, latent: Opt
                model: Optional[PathLike] = None, **options: Any) -> FusionOutput:
     """Read, fuse and write; nothing is written if anything fails or is cancelled."""
     inputs = [Path(input1), Path(input2)]
-    _check_outputs(inputs, [output, latent, record_sidecar(output)])
+    check_outputs(inputs, [output, latent, record_sidecar(output)])
+    check_latent_format(latent)
     loaded = resolve_model(model)
-    volume1, volume2 = read_volume(inputs[0]), read_volume(inputs[1])
-    result = fuse_volumes(volume1, volume2, loaded, keep_latent=latent is not None,
-                          input_names=(str(inputs[0]), str(inputs[1])), **options)
+    names = (str(inputs[0]), str(inputs[1]))
+    network_options = {k: v for k, v in options.items() if k != "normalization"}
+    _check_axis(options.get("axis", 0))
+    # The volumes read here are referenced by nothing once normalize_pair returns: only the
+    # normalized copies stay in memory while the network runs (see docs/robustness.md, memory).
+    pair = normalize_pair(read_volume(inputs[0]), read_volume(inputs[1]), axis=options.get("axis", 0),
+                          normalization=options.get("normalization", "volume"), log=options.get("log", print),
+                          input_names=names)
+    check_output_slices(output, pair.geometry)
+    result = fuse_normalized(pair, loaded, keep_latent=latent is not None, input_names=names, **network_options)
+    del pair
     write_fused(result, output, latent)
     return result
 
@@ -266,15 +464,22 @@ def decompose_files(fused: PathLike, output1: PathLike, output2: PathLike, laten
                     model: Optional[PathLike] = None, **options: Any) -> DecompositionOutput:
     """Read a fused image (+ record, + optional kept latent), decompose, write the outputs."""
     fused_path = Path(fused)
-    _check_outputs([fused_path] + ([Path(latent)] if latent else []), [output1, output2, std1, std2])
+    check_outputs([fused_path] + ([Path(latent)] if latent else []), [output1, output2, std1, std2])
     if (std1 is None) != (std2 is None):
         raise ValueError("give both --std1 and --std2, or neither")
     volume = read_volume(fused_path)
+    for out in (output1, output2, std1, std2):
+        check_output_slices(out, volume)
     record = read_record(fused_path, volume)
+    if record is not None:
+        check_record_fits(record, volume, str(fused_path))
     latent_array = read_latent(latent) if latent is not None else None
     if latent_array is not None and options.get("samples", 1) > 1:
         raise ValueError("an exact decomposition (--latent) takes no --samples")
-    result = decompose_volume(volume, record, resolve_model(model), latent=latent_array, **options)
+    loaded = resolve_model(model)
+    if latent_array is not None:
+        check_latent_fits(latent_array, volume, loaded, int((record or {}).get("axis", 0)), str(latent))
+    result = decompose_volume(volume, record, loaded, latent=latent_array, name=str(fused_path), **options)
     if std1 is not None and result.std1 is None:
         raise ValueError("standard-deviation maps need --samples 2 or more")
     with OutputSet() as outputs:

@@ -1,0 +1,613 @@
+#!/usr/bin/env python-real
+"""FusionINN Training: a 3D Slicer scripted CLI that trains a FusionINN model on BraTS-style cases.
+
+The parameters are declared once, in ``FusionINNTraining.xml`` next to this file; the argument
+parser is built from that description, so Slicer's generated GUI, ``--help`` and what the script
+accepts cannot drift apart. Slicer runs this file with its ``python-real`` and builds the command
+line from the XML (``Base/QTCLI/vtkSlicerCLIModuleLogic.cxx``)::
+
+    FusionINNTraining.py [--returnparameterfile R.params] [--flag value ...] [--amp] DATA_DIR MODEL.pt
+
+- flagged parameters first, in XML order, then the indexed ones (``dataDirectory``,
+  ``outputModel``) in index order;
+- a boolean is a bare flag when true and absent when false;
+- ``file``/``directory``/``string`` values are passed only when non-empty;
+- ``<table>``/``<image>`` outputs are temporary ``.tsv``/``.nrrd`` paths that Slicer loads into
+  the chosen nodes afterwards; each table gets a ``.schema.tsv`` sidecar so its numbers load as
+  numbers;
+- the return values (best epoch, best validation loss, mean decomposition SSIM, epochs run,
+  skipped case folders) go to the ``--returnparameterfile`` as ``name = value`` lines.
+
+Progress uses Slicer's protocol on stdout (``<filter-start>``, ``<filter-progress>F</filter-progress>``
+with F a fraction in [0, 1] and ``<filter-comment>`` with the current step, ``<filter-end>``);
+everything meant for people goes to stderr. The same command works outside Slicer with any Python
+that has the extension's requirements (see ``docs/training_cli.md``).
+
+Exit codes: 0 success, 1 error (one clear message on stderr), 2 invalid arguments, 130 cancelled.
+
+The training itself is :func:`FusionINNLib.training.train`; this file only translates arguments,
+reports and writes the return values. ``FusionINNLib`` is found on ``sys.path`` or, as Slicer does
+not always put an extension's scripted-module folder on the CLI's path, next to this file
+(``../qt-scripted-modules`` in an installed extension or build tree, ``../FusionINN`` in a source
+checkout).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+import traceback
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
+
+MODULE_NAME = "FusionINNTraining"
+XML_PATH = Path(__file__).with_name(MODULE_NAME + ".xml")
+LIBRARY_PACKAGE = "FusionINNLib"
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2  # argparse's own code for invalid arguments
+EXIT_CANCELLED = 130  # the shell convention for "terminated by Ctrl-C"
+
+# Parameters whose value 0 means "not set" (TrainingConfig uses None for these).
+ZERO_MEANS_UNSET = ("maxCases", "earlyStopping", "cropSize", "maxValidationSlices", "gradClip")
+# Bounds the training accepts, checked while parsing so that a bad value is reported with the
+# parameter's own name. (XML <constraints> would turn Slicer's spin boxes into sliders, which suit
+# bounded fractions such as alpha but not epoch counts; those fractions do have constraints.)
+VALUE_BOUNDS: Dict[str, Tuple[Optional[float], Optional[float]]] = {
+    "maxCases": (0, None),
+    "seed": (0, 2**32 - 1),
+    "blocks": (1, None),
+    "epochs": (1, None),
+    "batchSize": (1, None),
+    "patience": (0, None),
+    "earlyStopping": (0, None),
+    "cropSize": (0, None),
+    "maxValidationSlices": (0, None),
+    "gradClip": (0, None),
+}
+POSITIVE_VALUES = ("learningRate",)  # > 0, not just >= 0
+
+SCALAR_TAGS = ("integer", "float", "double", "boolean", "string")
+PATH_TAGS = ("file", "directory", "image", "table", "geometry", "transform", "measurement", "pointfile")
+
+# At most this many <filter-progress> lines per run, plus one per PROGRESS_MIN_INTERVAL_S: Slicer
+# keeps the whole stdout and strips every tag with one string erase each at the end, which costs
+# O(lines x output size), so one line per training step would make long runs slow to finish.
+PROGRESS_RESOLUTION = 0.001
+PROGRESS_MIN_INTERVAL_S = 10.0
+PREVIEW_SHARE = 0.05  # fraction of the progress bar for the preview fusion when one is requested
+
+
+class CLIError(Exception):
+    """A problem to report in one clear message (exit code 1)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# The XML description and the argument parser built from it
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Parameter:
+    """One parameter of the XML description, with the fields Slicer uses to build the command line."""
+
+    tag: str
+    name: str
+    label: str
+    description: str
+    group: str
+    advanced: bool
+    longflag: Optional[str] = None
+    flag: Optional[str] = None
+    index: Optional[int] = None
+    default: Optional[str] = None
+    channel: Optional[str] = None
+    elements: List[str] = field(default_factory=list)
+    minimum: Optional[str] = None
+    maximum: Optional[str] = None
+    file_extensions: List[str] = field(default_factory=list)
+
+    @property
+    def is_return_value(self) -> bool:
+        """Slicer's rule (``ModuleParameter::IsReturnParameter``): a scalar output without flag or index."""
+        return (self.channel == "output" and self.tag in SCALAR_TAGS and self.index is None
+                and not self.longflag and not self.flag)
+
+    @property
+    def option_strings(self) -> List[str]:
+        options = []
+        if self.longflag:
+            options.append("--" + self.longflag)
+        if self.flag:
+            options.append("-" + self.flag)
+        return options
+
+
+def _text(element: ET.Element, tag: str) -> Optional[str]:
+    child = element.find(tag)
+    if child is None:
+        return None
+    return (child.text or "").strip()
+
+
+def read_parameters(xml_path: Path = XML_PATH) -> List[Parameter]:
+    """Every parameter of the XML description, in document order."""
+    try:
+        root = ET.parse(str(xml_path)).getroot()
+    except FileNotFoundError:
+        raise CLIError(f"{xml_path.name} not found next to {Path(__file__).name}; the module is "
+                       "incompletely installed") from None
+    except ET.ParseError as error:
+        raise CLIError(f"{xml_path}: invalid XML ({error})") from None
+    parameters = []
+    for group in root.findall("parameters"):
+        advanced = group.get("advanced", "false").lower() == "true"
+        group_label = _text(group, "label") or ""
+        for element in group:
+            if element.tag in ("label", "description"):
+                continue
+            index = _text(element, "index")
+            constraints = element.find("constraints")
+            extensions = element.get("fileExtensions", "")
+            parameters.append(Parameter(
+                tag=element.tag,
+                name=_text(element, "name") or "",
+                label=_text(element, "label") or "",
+                description=" ".join((_text(element, "description") or "").split()),
+                group=group_label,
+                advanced=advanced,
+                longflag=(_text(element, "longflag") or "").lstrip("-") or None,
+                flag=(_text(element, "flag") or "").lstrip("-") or None,
+                index=int(index) if index else None,
+                default=_text(element, "default"),
+                channel=_text(element, "channel"),
+                elements=[(e.text or "").strip() for e in element.findall("element")],
+                minimum=_text(constraints, "minimum") if constraints is not None else None,
+                maximum=_text(constraints, "maximum") if constraints is not None else None,
+                file_extensions=[e.strip() for e in extensions.split(",") if e.strip()],
+            ))
+    return parameters
+
+
+def _bounds(parameter: Parameter) -> Tuple[Optional[float], Optional[float]]:
+    low, high = VALUE_BOUNDS.get(parameter.name, (None, None))
+    if parameter.minimum not in (None, ""):
+        low = float(parameter.minimum)
+    if parameter.maximum not in (None, ""):
+        high = float(parameter.maximum)
+    return low, high
+
+
+def _number_parser(parameter: Parameter) -> Callable[[str], Any]:
+    """argparse ``type=`` for an integer/float/double parameter, with its bounds in the message."""
+    integer = parameter.tag == "integer"
+    low, high = _bounds(parameter)
+    positive = parameter.name in POSITIVE_VALUES
+
+    def parse(text: str):
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            kind = "an integer" if integer else "a number"
+            raise argparse.ArgumentTypeError(f"{parameter.name} must be {kind}, got {text!r}") from None
+        if not integer and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{parameter.name} must be a finite number, got {text!r}")
+        if positive and value <= 0:
+            raise argparse.ArgumentTypeError(f"{parameter.name} must be greater than 0, got {text}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            limits = f"[{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+            raise argparse.ArgumentTypeError(f"{parameter.name} must be {limits}, got {text}")
+        return value
+
+    parse.__name__ = parameter.tag  # argparse names the type in some messages
+    return parse
+
+
+def _default_value(parameter: Parameter) -> Any:
+    """The value the script uses when Slicer leaves the parameter off the command line."""
+    if parameter.tag in PATH_TAGS:
+        return parameter.default or None
+    if parameter.tag == "boolean":
+        return False  # absent flag = false; a true default could never be switched off by Slicer
+    if parameter.default is None:
+        return "" if parameter.tag in ("string", "string-enumeration") else None
+    if parameter.tag in ("integer", "float", "double"):
+        return _number_parser(parameter)(parameter.default)
+    return parameter.default
+
+
+class _PrintXML(argparse.Action):
+    """``--xml``: print the description file byte for byte (Slicer and ctk-cli read it this way)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        sys.stdout.flush()
+        sys.stdout.buffer.write(XML_PATH.read_bytes())
+        sys.stdout.buffer.flush()
+        parser.exit(EXIT_OK)
+
+
+def build_parser(parameters: Optional[Sequence[Parameter]] = None, xml_path: Path = XML_PATH
+                 ) -> argparse.ArgumentParser:
+    """The command-line parser, one argument per XML parameter (return values excluded)."""
+    if parameters is None:
+        parameters = read_parameters(xml_path)
+    root = ET.parse(str(xml_path)).getroot()
+    parser = argparse.ArgumentParser(
+        prog=Path(__file__).name,
+        description=f"{_text(root, 'title')}: {' '.join((_text(root, 'description') or '').split())}",
+        epilog="Documentation: " + (_text(root, "documentation-url") or ""),
+    )
+    parser.add_argument("--xml", action=_PrintXML, help="print the Slicer module description (XML) and exit")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_text(root, 'version')}")
+    parser.add_argument("--returnparameterfile", dest="returnParameterFile", metavar="FILE", default=None,
+                        help="write the return values (name = value lines) to FILE (Slicer sets this)")
+    groups: Dict[str, argparse._ArgumentGroup] = {}
+    indexed = sorted((p for p in parameters if p.index is not None), key=lambda p: p.index)
+    for parameter in [p for p in parameters if p.index is None and not p.is_return_value] + indexed:
+        title = parameter.group + (" (advanced)" if parameter.advanced else "")
+        group = groups.setdefault(title, parser.add_argument_group(title))
+        help_text = f"{parameter.label}. {parameter.description}".replace("%", "%%")  # argparse formats help
+        if parameter.index is not None:
+            group.add_argument(parameter.name, metavar=parameter.name, help=help_text)
+            continue
+        if not parameter.option_strings:
+            raise CLIError(f"{xml_path.name}: parameter {parameter.name} has neither flag, longflag nor index")
+        options: Dict[str, Any] = {"dest": parameter.name, "default": _default_value(parameter)}
+        if parameter.tag == "boolean":
+            options["action"] = "store_true"
+        elif parameter.tag in ("integer", "float", "double"):
+            options["type"] = _number_parser(parameter)
+            options["metavar"] = parameter.tag.upper()
+        elif parameter.tag.endswith("-enumeration"):
+            options["choices"] = parameter.elements
+        else:
+            options["metavar"] = "PATH" if parameter.tag in PATH_TAGS else "TEXT"
+        if parameter.tag != "boolean" and options["default"] not in (None, ""):
+            help_text += " (default: %(default)s)"
+        group.add_argument(*parameter.option_strings, help=help_text, **options)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------
+# Finding FusionINNLib
+# ------------------------------------------------------------------------------------------------
+def library_search_paths(script: Optional[Path] = None) -> List[Path]:
+    """Folders that may hold ``FusionINNLib`` relative to this script, most specific first.
+
+    ``lib/Slicer-X.Y/cli-modules/<this>`` → ``lib/Slicer-X.Y/qt-scripted-modules`` (installed
+    extension and build tree: SlicerMacroBuildScriptedCLI and slicerMacroBuildScriptedModule put
+    the two folders side by side); ``<repo>/FusionINNTraining/<this>`` → ``<repo>/FusionINN``
+    (source checkout). Both the path as given and with symbolic links resolved are tried.
+    """
+    script = Path(script if script is not None else __file__)
+    folders = []
+    for location in (script.absolute(), script.resolve()):
+        for candidate in (location.parent.parent / "qt-scripted-modules", location.parent.parent / "FusionINN"):
+            if candidate not in folders:
+                folders.append(candidate)
+    return folders
+
+
+def ensure_library_importable(script: Optional[Path] = None) -> Optional[Path]:
+    """Make ``import FusionINNLib`` work; returns the folder added to ``sys.path`` (None if not needed)."""
+    if importlib.util.find_spec(LIBRARY_PACKAGE) is not None:
+        return None
+    searched = library_search_paths(script)
+    for folder in searched:
+        if (folder / LIBRARY_PACKAGE / "__init__.py").is_file() or (folder / LIBRARY_PACKAGE).is_dir():
+            sys.path.insert(0, str(folder))
+            importlib.invalidate_caches()
+            return folder
+    raise CLIError(f"the {LIBRARY_PACKAGE} package was not found on the Python path nor in "
+                   f"{', '.join(str(f) for f in searched)}; install the FusionINN extension, or run this "
+                   "script from a source checkout")
+
+
+def _import_training():
+    """The training module, or a clear message naming the missing package (usually PyTorch)."""
+    try:
+        from FusionINNLib import training
+    except ModuleNotFoundError as error:
+        raise CLIError(f"the Python package '{error.name}' is missing in {sys.executable}; in Slicer, open the "
+                       "FusionINN module once (it installs PyTorch through the PyTorch extension and the other "
+                       "requirements), otherwise pip install the requirements listed in docs/training_cli.md") \
+            from None
+    return training
+
+
+# ------------------------------------------------------------------------------------------------
+# Reporting
+# ------------------------------------------------------------------------------------------------
+class Reporter:
+    """Slicer's progress protocol on ``stdout``, human-readable log lines on ``stderr``."""
+
+    def __init__(self, stdout: TextIO, stderr: TextIO, clock: Callable[[], float] = time.monotonic):
+        self.stdout = stdout
+        self.stderr = stderr
+        self.clock = clock
+        self.started = clock()
+        self.last_fraction = -1.0
+        self.last_time = -math.inf
+
+    @staticmethod
+    def _tag_text(message: str) -> str:
+        # Slicer finds tags with "<tag>[^<]*</tag>": no '<' inside, and keep it on one short line.
+        return " ".join(message.replace("<", "(").replace(">", ")").split())[:200]
+
+    def _emit(self, text: str) -> None:
+        self.stdout.write(text + "\n")
+        self.stdout.flush()
+
+    def start(self, comment: str) -> None:
+        self._emit(f"<filter-start>\n<filter-name>{MODULE_NAME}</filter-name>\n"
+                   f"<filter-comment>{self._tag_text(comment)}</filter-comment>\n</filter-start>")
+        self.progress(0.0, comment, force=True)
+
+    def progress(self, fraction: float, message: str = "", force: bool = False) -> None:
+        """Report ``fraction`` of the whole run (clamped to [0, 1], never decreasing)."""
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        now = self.clock()
+        due = (fraction >= self.last_fraction + PROGRESS_RESOLUTION
+               or now - self.last_time >= PROGRESS_MIN_INTERVAL_S)
+        if not (force or due) or fraction < self.last_fraction:
+            return
+        self.last_fraction, self.last_time = fraction, now
+        text = f"<filter-progress>{fraction:.4f}</filter-progress>"
+        if message:
+            text += f"\n<filter-comment>{self._tag_text(message)}</filter-comment>"
+        self._emit(text)
+
+    def end(self) -> None:
+        self.progress(1.0, "done", force=True)
+        self._emit(f"<filter-end>\n<filter-name>{MODULE_NAME}</filter-name>\n"
+                   f"<filter-time>{self.clock() - self.started:.1f}</filter-time>\n</filter-end>")
+
+    def log(self, message: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        for line in str(message).splitlines() or [""]:
+            self.stderr.write(f"{stamp} {line}\n")
+        self.stderr.flush()
+
+
+class CancelFlag:
+    """Set by SIGTERM; polled by the training loop, which then stops cleanly after the current step
+    (last.pt keeps the last finished epoch). A second SIGTERM stops at once, e.g. while the slices of
+    a large data set are being cached, when no step runs to notice the first."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def install(self) -> None:
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+
+        try:
+            signal.signal(signal.SIGTERM, handler)
+        except (ValueError, OSError):  # not the main thread, or a platform without SIGTERM handlers
+            pass
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet_discovery():
+    """Silence the discovery's "skipped N case folder(s)" warning for the script's own look-ups:
+    the training discovers the cases again and reports every skipped folder with its reason."""
+    library_logger = logging.getLogger("FusionINNLib.brats")
+    level = library_logger.level
+    library_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        library_logger.setLevel(level)
+
+
+def check_data_directory(path: str, modalities: Tuple[str, str]):
+    """Fail fast, with the folder in the message, before PyTorch is loaded: missing, not a folder,
+    empty, or no usable case. Returns the discovery (usable cases and skipped folders)."""
+    from FusionINNLib.brats import discover_cases
+
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(f"data directory not found: {folder}")
+    if not folder.is_dir():
+        raise CLIError(f"data directory {folder} is a file; give the folder that holds one sub-folder per case")
+    try:
+        entries = [entry for entry in os.listdir(folder) if not entry.startswith(".")]
+    except OSError as error:
+        raise CLIError(f"cannot read the data directory {folder}: {error.strerror or error}") from None
+    if not entries:
+        raise CLIError(f"data directory {folder} is empty: expected one sub-folder per case, e.g. "
+                       f"BraTS2021_00000/BraTS2021_00000_{modalities[0]}.nii.gz and "
+                       f"BraTS2021_00000_{modalities[1]}.nii.gz")
+    with _quiet_discovery():
+        return discover_cases(folder, modalities)
+
+
+def training_config(args: argparse.Namespace, training) -> Any:
+    """The :class:`TrainingConfig` for the parsed arguments (0 → unset where the XML says so)."""
+    values = vars(args)
+    unset = {name: (values[name] if values[name] else None) for name in ZERO_MEANS_UNSET}
+    labels = (args.labels or "").strip() or training.DEFAULT_LABELS
+    return training.TrainingConfig(
+        data_dir=str(Path(args.dataDirectory).expanduser()),
+        output=str(Path(args.outputModel).expanduser()),
+        run_dir=args.runDirectory or None,
+        history_table=args.historyTable or None,
+        metrics_table=args.metricsTable or None,
+        cache_dir=args.cacheDirectory or None,
+        modalities=(args.modality1, args.modality2),
+        labels=labels,
+        normalization=args.normalization,
+        epochs=args.epochs,
+        batch_size=args.batchSize,
+        lr=args.learningRate,
+        alpha=args.alpha,
+        lam=args.lambdaSSIM,
+        blocks=args.blocks,
+        prior=args.prior,
+        latent_loss=args.latentLoss,
+        val_fraction=args.validationFraction,
+        max_cases=unset["maxCases"],
+        seed=args.seed,
+        device=args.device,
+        amp=bool(args.amp),
+        resume=args.resume or None,
+        patience=args.patience,
+        early_stopping=unset["earlyStopping"],
+        grad_clip=float(unset["gradClip"]) if unset["gradClip"] else None,
+        crop_size=unset["cropSize"],
+        max_val_slices=unset["maxValidationSlices"],
+    )
+
+
+def preview_case(data_dir: str, modalities: Sequence[str], preferred: Sequence[Sequence[str]]):
+    """The first case of the first non-empty id list in ``preferred`` (validation, then training
+    cases of the model), found under ``data_dir`` with the model's modalities."""
+    from FusionINNLib.brats import discover_cases
+
+    with _quiet_discovery():
+        cases = discover_cases(data_dir, tuple(modalities)).cases
+    by_id = {case.case_id: case for case in cases}
+    for ids in preferred:
+        for case_id in ids or []:
+            if case_id in by_id:
+                return by_id[case_id]
+    return cases[0]
+
+
+def write_preview(model_path: Path, data_dir: str, output: str, device: str, log: Callable[[str], None]) -> str:
+    """Fuse one validation case with the trained model into ``output`` (with the fusion record)."""
+    from FusionINNLib.checkpoint import load_checkpoint
+    from FusionINNLib.pipeline import RECORD_KEY, fuse_volumes
+    from FusionINNLib.volume import read_volume, write_volume
+
+    model = load_checkpoint(model_path)
+    metadata = model.metadata
+    modalities = list(metadata.get("modalities") or ())
+    data = metadata.get("data") or {}
+    case = preview_case(data_dir, modalities, [data.get("val_cases"), data.get("train_cases")])
+    paths = [case.path(name) for name in modalities]
+    fused = fuse_volumes(read_volume(paths[0]), read_volume(paths[1]), model,
+                         axis=int(metadata.get("axis", 0)), normalization=metadata.get("normalization", "volume"),
+                         device=device, log=log, input_names=(str(paths[0]), str(paths[1])))
+    write_volume(fused.fused, output, metadata={RECORD_KEY: json.dumps(fused.record)})
+    return case.case_id
+
+
+def format_return_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.8g}"
+    return str(value)
+
+
+def write_return_parameters(path: str, values: Dict[str, Any]) -> None:
+    """``name = value`` lines (Slicer's ``ModuleDescription::ReadParameterFile``), written atomically."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(f"{name} = {format_return_value(value)}\n" for name, value in values.items())
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as stream:
+            stream.write(text)
+        os.replace(temporary, target)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def run(args: argparse.Namespace, reporter: Reporter, cancel: Callable[[], bool]) -> Dict[str, Any]:
+    """Check the data, train, write the preview; returns the return values."""
+    modalities = (args.modality1, args.modality2)
+    if modalities[0] == modalities[1]:
+        raise CLIError(f"modality 1 and modality 2 are both {modalities[0]!r}; choose two different modalities")
+    reporter.start(f"Training FusionINN on {args.dataDirectory}")
+    discovery = check_data_directory(args.dataDirectory, modalities)
+    reporter.log(f"{len(discovery.cases)} usable case(s) with {' + '.join(modalities)} under {discovery.root}"
+                 + (f"; {len(discovery.skipped)} case folder(s) skipped (listed below)" if discovery.skipped else ""))
+
+    training = _import_training()  # PyTorch is loaded only now, after the quick checks
+    config = training_config(args, training)
+    training_share = 1.0 - PREVIEW_SHARE if args.previewVolume else 1.0
+
+    def on_progress(fraction: float, message: str) -> None:
+        reporter.progress(fraction * training_share, message)
+
+    result = training.train(config, progress=on_progress, log=reporter.log, cancel=cancel)
+    if args.previewVolume:
+        reporter.progress(training_share, "fusing a validation case for the preview", force=True)
+        case_id = write_preview(result.model_path, config.data_dir, args.previewVolume, config.device, reporter.log)
+        reporter.log(f"preview: case {case_id} fused with the new model -> {args.previewVolume}")
+    values = {
+        "bestEpoch": int(result.best_epoch),
+        "bestValidationLoss": float(result.best_val_loss),
+        "meanDecompositionSSIM": float(result.mean_decomposition_ssim),
+        "epochsRun": int(result.epochs_run),
+        "skippedCases": len(discovery.skipped),
+    }
+    reporter.log(f"model: {result.model_path}; history: {result.history_path}; metrics: {result.metrics_path}; "
+                 f"run folder: {result.run_dir}")
+    reporter.log("results: " + ", ".join(f"{k} = {format_return_value(v)}" for k, v in values.items()))
+    return values
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S")
+    reporter = Reporter(sys.stdout, sys.stderr)
+    try:
+        parser = build_parser()
+    except CLIError as error:
+        reporter.log(f"{MODULE_NAME}: error: {error}")
+        return EXIT_ERROR
+    args = parser.parse_args(argv)  # exits with EXIT_USAGE and a message on invalid arguments
+    cancel = CancelFlag()
+    cancel.install()
+    try:
+        ensure_library_importable()
+        values = run(args, reporter, cancel)
+        if args.returnParameterFile:
+            write_return_parameters(args.returnParameterFile, values)
+        reporter.end()
+        return EXIT_OK
+    except KeyboardInterrupt:
+        reporter.log(f"{MODULE_NAME}: cancelled; an interrupted run can be resumed from last.pt in its run folder")
+        return EXIT_CANCELLED
+    except Exception as error:  # noqa: BLE001 - every failure ends in one readable message and an exit code
+        if type(error).__name__ == "Cancelled" and type(error).__module__.startswith(LIBRARY_PACKAGE):
+            # FusionINNLib.engine.Cancelled: the training saw the SIGTERM flag
+            reporter.log(f"{MODULE_NAME}: {error}")
+            return EXIT_CANCELLED
+        expected = isinstance(error, (CLIError, ValueError, OSError))
+        if not expected:  # a bug rather than bad input: keep the trace for the report
+            reporter.log("".join(traceback.format_exception(type(error), error, error.__traceback__)).rstrip())
+        message = str(error) or type(error).__name__
+        if isinstance(error, OSError) and error.filename and str(error.filename) not in message:
+            message = f"{error.filename}: {message}"
+        reporter.log(f"{MODULE_NAME}: error: {message}")
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
