@@ -418,3 +418,16 @@ def test_real_brats_folders(shared_data):
     assert slices1.shape[1:] == (240, 240) and 10 < indices.size < 155
     train, val = split_subjects(result.cases, 0.34, seed=0)
     assert len(train) == 2 and len(val) == 1
+
+
+def test_truncated_case_file_is_refused_when_loading_slices(tmp_path):
+    from FusionINNLib.brats import discover_cases, load_case_slices
+    from FusionINNLib.phantom import write_phantom_cases
+
+    write_phantom_cases(tmp_path, cases=1, shape=(16, 32, 32), seed=0)
+    flair = next(tmp_path.rglob("*_flair.nii.gz"))
+    data = flair.read_bytes()
+    flair.write_bytes(data[: len(data) // 2])
+    case = discover_cases(tmp_path).cases[0]
+    with pytest.raises(ValueError, match="flair"):
+        load_case_slices(case, labels=None)

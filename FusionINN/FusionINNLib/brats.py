@@ -586,12 +586,16 @@ def _read_image(path: Path) -> np.ndarray:
     """Voxel array (z, y, x) of an image file, with the file name in any error."""
     import SimpleITK as sitk
 
+    from .volume import check_complete_file, check_nifti_header_fits
+
     if not Path(path).is_file():
         raise FileNotFoundError(f"image file not found: {path}")
+    check_nifti_header_fits(path)  # a damaged header must not make ITK allocate terabytes
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         raise ValueError(f"cannot read image {path}: {str(error).strip().splitlines()[-1]}") from error
+    check_complete_file(path, image)  # some readers pad a truncated file with zeros instead of failing
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError(
             f"{path} has {image.GetNumberOfComponentsPerPixel()} components per voxel; need a scalar image"
