@@ -406,10 +406,129 @@ def _run_explain(args, reporter: Reporter) -> int:
     return 0
 
 
+# -- train --------------------------------------------------------------------------------------
+def _fraction_arg(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+# The same names as FusionINNLib.losses (checked by Testing/test_training.py); spelled out here so
+# that building the parser does not import torch.
+TRAIN_PRIORS = ("normal", "zeros", "ones", "uniform")
+TRAIN_LATENT_LOSSES = ("pixel_mmd", "moments", "reference_mmd", "none")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a model on BraTS-style cases",
+        description="Train FusionINN on every case under DATA_DIR (BraTS 2013-2023 namings; one folder per "
+                    "case). Defaults are the paper's: L = a(L_fusion + L_latent) + (1-a)L_dec with a = 0.5, "
+                    "L_fusion/L_dec = l*SSIM + (1-l)*L2 with l = 0.8, k = 3 blocks, N(0, I) prior, Adam 3e-4, "
+                    "ReduceLROnPlateau x0.95 after 8 epochs, batch 64, 400 epochs. The split is by subject and "
+                    "written to the run directory with last.pt (every epoch, for --resume), best.pt, the "
+                    "history and metrics tables (TSV + Slicer .schema.tsv) and loss_curves.png. OUTPUT is the "
+                    "epoch with the lowest validation loss. Multi-GPU / multi-node: run under torchrun, e.g. "
+                    "'torchrun --nproc_per_node=2 -m FusionINNLib.cli train DATA --output M.pt'.")
+    p.add_argument("data_dir", metavar="DATA_DIR", help="folder holding the case folders")
+    p.add_argument("--output", "-o", required=True, metavar="MODEL.pt", help="trained model to write")
+    p.add_argument("--run-dir", metavar="DIR", help="checkpoints, split, tables and plot (default: <MODEL>_run)")
+    p.add_argument("--history-table", metavar="H.tsv", help="per-epoch losses (default: RUN_DIR/history.tsv)")
+    p.add_argument("--metrics-table", metavar="M.tsv", help="final validation metrics (default: RUN_DIR/metrics.tsv)")
+    p.add_argument("--modalities", nargs=2, default=["t1ce", "flair"], metavar=("M1", "M2"),
+                   help="the two modalities, any BraTS alias (default: t1ce flair)")
+    p.add_argument("--labels", default="2,1|3", metavar="RULE",
+                   help="slice selection by segmentation labels: ',' = and, '|' = or (default '2,1|3': oedema and "
+                        "necrosis/non-enhancing, as the paper); 'brain' = every slice with brain in both "
+                        "modalities. Cases without a segmentation always use 'brain'.")
+    p.add_argument("--normalization", choices=("volume", "slice"), default="volume",
+                   help="intensity normalization, as at inference (default: volume)")
+    p.add_argument("--epochs", type=_positive_int, default=400, metavar="N", help="epochs (default: 400)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, metavar="B", help="batch size (default: 64)")
+    p.add_argument("--lr", type=float, default=3e-4, metavar="LR", help="Adam learning rate (default: 3e-4)")
+    p.add_argument("--alpha", type=_fraction_arg, default=0.5, metavar="A",
+                   help="weight of fusion + latent vs decomposition loss (default: 0.5)")
+    p.add_argument("--lam", type=_fraction_arg, default=0.8, metavar="L",
+                   help="SSIM share of the SSIM/L2 mix (default: 0.8)")
+    p.add_argument("--blocks", type=int, choices=range(1, 7), default=3, metavar="K",
+                   help="coupling blocks, 1-6 (default: 3)")
+    p.add_argument("--subnet-final-relu", action="store_true",
+                   help="end each coupling subnet with a ReLU as the authors' network (trains much slower; "
+                        "default: off)")
+    p.add_argument("--prior", choices=TRAIN_PRIORS, default="normal", help="latent prior (default: normal)")
+    p.add_argument("--latent-loss", choices=TRAIN_LATENT_LOSSES, default=TRAIN_LATENT_LOSSES[0],
+                   help="latent loss: pixel_mmd (default; shapes z), moments, reference_mmd (the authors', inert "
+                        "on image-sized z), none")
+    p.add_argument("--latent-weight", type=_non_negative_float, default=0.1, metavar="W",
+                   help="weight of the latent loss inside the fusion term (default: 0.1; the paper: 1)")
+    p.add_argument("--modality-weights", type=_non_negative_float, nargs=2, default=[0.5, 0.5], metavar=("W1", "W2"),
+                   help="per-modality weights of the SSIM and L2 terms (default: 0.5 0.5)")
+    p.add_argument("--adaptive-weights", action="store_true",
+                   help="MMIF-AMIN fusion weights from each source's average gradient (SSIM) and entropy (L2)")
+    p.add_argument("--val-fraction", type=float, default=0.2, metavar="F",
+                   help="fraction of subjects for validation (default: 0.2)")
+    p.add_argument("--max-cases", type=_positive_int, metavar="N", help="use only the first N cases")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="seed of split, crops, shuffling and latents (default: 0)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--amp", action="store_true", help="mixed precision on CUDA (ignored on the CPU)")
+    p.add_argument("--resume", metavar="CKPT", help="continue a run from its last.pt (or its run directory)")
+    p.add_argument("--patience", type=int, default=8, metavar="P",
+                   help="epochs without improvement before the learning rate is multiplied by 0.95 (default: 8)")
+    p.add_argument("--early-stopping", type=_positive_int, metavar="N",
+                   help="stop after N epochs without validation improvement (default: off)")
+    p.add_argument("--grad-clip", type=float, metavar="G", help="clip the global gradient norm to G (default: off)")
+    p.add_argument("--crop-size", type=_positive_int, metavar="C",
+                   help="train on random CxC crops (multiple of 4, >= 16; much faster on a CPU; default: whole slices)")
+    p.add_argument("--max-val-slices", type=_positive_int, metavar="N",
+                   help="validate on N evenly spaced validation slices (default: all)")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="slice cache (default: $FUSIONINN_CACHE_DIR or ~/.cache/fusioninn/slices)")
+    p.add_argument("--num-workers", type=int, default=0, metavar="N", help="data-loader worker processes (default: 0)")
+    _add_common(p)
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args, reporter: Reporter) -> int:
+    import os
+
+    from .training import TrainingConfig, train
+
+    if int(os.environ.get("RANK", "0") or 0) > 0:
+        reporter = Reporter(True)  # under torchrun only rank 0 reports
+    config = TrainingConfig(
+        data_dir=args.data_dir, output=args.output, run_dir=args.run_dir, history_table=args.history_table,
+        metrics_table=args.metrics_table, cache_dir=args.cache_dir, modalities=tuple(args.modalities),
+        labels=args.labels, normalization=args.normalization, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, alpha=args.alpha, lam=args.lam, blocks=args.blocks, prior=args.prior,
+        subnet_final_relu=args.subnet_final_relu,
+        latent_loss=args.latent_loss, latent_weight=args.latent_weight,
+        modality_weights=tuple(args.modality_weights), adaptive_weights=args.adaptive_weights,
+        val_fraction=args.val_fraction, max_cases=args.max_cases, seed=args.seed, device=args.device,
+        amp=args.amp, resume=args.resume, patience=args.patience, early_stopping=args.early_stopping,
+        grad_clip=args.grad_clip, crop_size=args.crop_size, max_val_slices=args.max_val_slices,
+        num_workers=args.num_workers)
+    with reporter.progress("train") as update:
+        def log(message: str) -> None:
+            if reporter.quiet:
+                return
+            from tqdm import tqdm
+
+            tqdm.write(message, file=sys.stderr)
+
+        result = train(config, progress=(lambda fraction, message: update(fraction)) if update else None, log=log)
+    reporter.log(f"wrote {result.model_path} (best epoch {result.best_epoch}, loss {result.best_val_loss:.5f}, "
+                 f"mean sampled-z decomposition SSIM {result.mean_decomposition_ssim:.4f}); "
+                 f"history {result.history_path}, metrics {result.metrics_path}, run folder {result.run_dir}")
+    return 0
+
+
 # -- main ---------------------------------------------------------------------------------------
 COMMANDS = [_add_demo, _add_fuse, _add_decompose, _add_metrics, _add_phantom]
 COMMANDS.append(_add_batch)
 COMMANDS.append(_add_explain)
+COMMANDS.append(_add_train)
 
 
 def build_parser() -> argparse.ArgumentParser:

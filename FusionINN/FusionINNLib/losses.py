@@ -15,7 +15,8 @@ adaptive MMIF-AMIN weights only apply to fusion, because both sources must be re
 
     L_dec = λ Σ_k w_k (1 − SSIM(x̂_k, x_k)) + (1 − λ) Σ_k w_k ‖x̂_k − x_k‖²
 
-Total: ``L = α (L_fusion + β L_latent) + (1 − α) L_dec`` (α = 0.5; β = 1 reproduces the paper).
+Total: ``L = α (L_fusion + β L_latent) + (1 − α) L_dec`` (α = 0.5; β = 1 is the paper's, the
+training default is β = 0.1 with ``pixel_mmd``, chosen by measurement, see ``docs/training.md``).
 
 SSIM is Wang et al. (2004) with an 11-tap Gaussian window (σ = 1.5), K₁ = 0.01, K₂ = 0.03 and
 data range 1, computed per image by ``pytorch_msssim`` over the valid window positions.
@@ -190,10 +191,12 @@ def inverse_multiquadric_mmd(samples: torch.Tensor, reference: torch.Tensor,
                              widths: Sequence[float] = REFERENCE_MMD_WIDTHS) -> torch.Tensor:
     """Biased MMD² (diagonals kept) between two sample sets (N, d) and (M, d) with the kernel
     k(a, b) = Σ_h h² / (h² + ‖a − b‖²) (Gretton et al. 2012; kernel as in the authors' code)."""
-    # float64: for image-sized vectors ‖p‖² ≈ 6e4, and float32 cancellation in the expansion below
-    # would leave errors of ~1e-2 in distances that the narrowest kernel (h² = 0.0025) resolves.
-    a = samples.double()
-    b = reference.double()
+    # float64 for long vectors: for image-sized ones ‖p‖² ≈ 6e4, and float32 cancellation in the
+    # expansion below would leave errors of ~1e-2 in distances that the narrowest kernel
+    # (h² = 0.0025) resolves. Pixel or patch samples (d ≤ 16) are exact enough in float32.
+    dtype = torch.float64 if samples.shape[1] > 16 else torch.float32
+    a = samples.to(dtype)
+    b = reference.to(dtype)
 
     def kernel_mean(p: torch.Tensor, q: torch.Tensor, same: bool) -> torch.Tensor:
         # ‖p‖² + ‖q‖² − 2 p·q rather than cdist(p, q)²: no square root, so no NaN gradient at the
