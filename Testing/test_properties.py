@@ -37,7 +37,7 @@ from FusionINNLib.normalization import (
 )
 from FusionINNLib.volume import Volume, _from_image, read_volume, resample_like, to_image, write_volume
 
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow,
                                                                           HealthCheck.function_scoped_fixture])
 REAL_DTYPES = [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64, np.float32,
                np.float64]
@@ -75,9 +75,14 @@ def test_normalization_round_trip_is_exact_to_float32(array, mode, data):
     finite = np.isfinite(source)
     expected = np.where(finite, source, background_value(array))
     # float32 keeps 24 bits: the error is a few ulps of the restored value and of the slice offset
-    offsets = np.broadcast_to(np.reshape(params.offset, [-1 if i == axis else 1 for i in range(array.ndim)])
-                              if mode == "slice" else params.offset[0], array.shape)
-    tolerance = 4 * 2.0 ** -24 * (np.abs(expected) + np.abs(offsets)) + 1e-30
+    def per_voxel(values):
+        return np.broadcast_to(np.reshape(values, [-1 if i == axis else 1 for i in range(array.ndim)])
+                               if mode == "slice" else values[0], array.shape)
+
+    offsets, scales = per_voxel(np.asarray(params.offset)), per_voxel(np.asarray(params.scale))
+    # ... plus float32's absolute floor: normalized values below 2^-126 are subnormal, spaced 2^-149,
+    # which the scale multiplies back (hypothesis found 0 restored as -6e-23 with a scale of 1.5e23).
+    tolerance = 4 * 2.0 ** -24 * (np.abs(expected) + np.abs(offsets)) + 2 * 2.0 ** -149 * np.abs(scales) + 1e-30
     assert np.all(np.abs(restored - expected) <= tolerance)
     assert params.nonfinite == int((~finite).sum())
 
