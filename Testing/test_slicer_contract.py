@@ -36,7 +36,7 @@ LIB_DIR = MODULE_DIR / "FusionINNLib"
 
 # Files listed in CMake that other engineers are still creating. slicerMacroBuildScriptedModule
 # fails at configure time on a missing file, so this set must be empty at release.
-PENDING_FILES = {"Resources/Models/fusioninn_default.pt"}
+PENDING_FILES: set = set()
 
 # What FusionINN.py may import from the core: public entry points only.
 PUBLIC_API = {

@@ -7,8 +7,9 @@
 # Training: the paper's objective (alpha 0.5, lambda 0.8, k = 3, N(0, I) prior) with the default
 # pixel-sample MMD latent loss and subnets without the final ReLU; Adam lr 1e-3 (the paper's 3e-4
 # is for 400 full-slice epochs), batch 8 of 64x64 random crops, EPOCHS epochs (default 70), seed 0,
-# CPU. The epoch with the lowest validation loss is kept. On the shared 2-core CPU this took about
-# 20 minutes; docs/training.md has the time and the scores on phantoms and on real BraTS cases.
+# CPU. The epoch with the lowest validation loss is kept. On the shared 2-core CPU an epoch takes
+# 19-22 s alone (about 25 minutes for 70); docs/training.md has the time of the run that made the
+# bundled file and its scores on phantoms and on real BraTS cases.
 #
 # Usage: scripts/train_default_model.sh [OUTPUT.pt]      (environment: EPOCHS, PYTHON)
 set -euo pipefail
