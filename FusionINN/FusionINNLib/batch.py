@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .atomic import atomic_write_text
 from .volume import Volume, resample_like
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -320,14 +320,7 @@ def write_summary(outcomes: Sequence[CaseOutcome], path: PathLike,
         row = [o.case_id, o.status, o.message, o.input1, o.input2, o.output, o.latent]
         row += [o.metrics.get(n) for n in names]
         lines.append("\t".join(_cell(v) for v in row))
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as stream:
-            stream.write("\n".join(lines) + "\n")
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -59,13 +59,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from FusionINNLib.atomic import atomic_file, atomic_write_text
 from FusionINNLib.normalization import foreground_mask, normalize_volume
 
 LOGGER = logging.getLogger(__name__)
@@ -423,19 +423,6 @@ def split_subjects(
     return train, val
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
 def write_split(path: os.PathLike | str, train: Sequence[Case], val: Sequence[Case], **extra: object) -> Path:
     """Write the split as JSON (atomically); ``extra`` (e.g. seed, val_fraction) is stored too."""
     record = {
@@ -447,7 +434,7 @@ def write_split(path: os.PathLike | str, train: Sequence[Case], val: Sequence[Ca
         "val": [case.to_dict() for case in val],
     }
     target = Path(path)
-    _atomic_write_bytes(target, (json.dumps(record, indent=2, default=str) + "\n").encode("utf-8"))
+    atomic_write_text(target, json.dumps(record, indent=2, default=str) + "\n")
     return target
 
 
@@ -666,18 +653,11 @@ def _load_cache(array_path: Path, meta_path: Path, key: str) -> Optional[CaseSli
 def _save_cache(array_path: Path, meta_path: Path, key: str, stack: np.ndarray, indices: np.ndarray,
                 normalization: List[dict]) -> None:
     array_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{array_path.name}.", suffix=".tmp", dir=array_path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.save(stream, stack)  # a file object: np.save must not append ".npy" to the temp name
-        os.replace(temporary, array_path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    with atomic_file(array_path) as temp, open(temp, "wb") as stream:
+        np.save(stream, stack)  # a file object: np.save must not append ".npy" to the temp name
     # The side-car is written last: a cache entry is valid only once both files exist.
     meta = {"key": key, "shape": list(stack.shape), "indices": indices.tolist(), "normalization": normalization}
-    _atomic_write_bytes(meta_path, json.dumps(meta).encode("utf-8"))
+    atomic_write_text(meta_path, json.dumps(meta))
 
 
 def load_case_slices(

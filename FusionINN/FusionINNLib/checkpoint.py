@@ -23,8 +23,8 @@ from typing import Any, Dict, Optional, Union
 import numpy as np
 import torch
 
+from .atomic import atomic_file
 from .model import FusionFlow, FusionINNConfig
-from .volume import temporary_sibling
 
 FORMAT_NAME = "fusioninn-checkpoint"
 FORMAT_VERSION = 1
@@ -184,13 +184,8 @@ def plain_metadata(metadata: Dict[str, Any]) -> Dict[str, Any]:
 def atomic_torch_save(payload: Any, path: PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp_name = temporary_sibling(path)
-    try:
-        torch.save(payload, temp_name)
-        os.replace(temp_name, path)
-    except BaseException:
-        temp_name.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as temp:
+        torch.save(payload, temp)
 
 
 def bundled_model_path() -> Path:

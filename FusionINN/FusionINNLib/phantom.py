@@ -34,12 +34,13 @@ Arrays are indexed (z, y, x) like ``SimpleITK.GetArrayFromImage``; the files wri
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
+
+from .atomic import atomic_file
 
 DEFAULT_SHAPE = (64, 128, 128)
 MIN_SIDE = 16
@@ -307,15 +308,8 @@ def _write_image_atomically(array: np.ndarray, path: Path) -> None:
     image.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
     # SimpleITK picks the format from the extension, so the temporary name keeps ".nii.gz"; the
     # leading dot hides it from case discovery if a crash leaves it behind.
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.nii.gz", dir=path.parent)
-    os.close(handle)
-    try:
-        sitk.WriteImage(image, temporary, True)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    with atomic_file(path) as temp:
+        sitk.WriteImage(image, str(temp), True)
 
 
 def write_phantom_cases(

@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import temporary_sibling
 from .checkpoint import LoadedModel, resolve_model
 from .engine import CancelCheck, ProgressCallback, SliceEngine
 from .normalization import NormalizationParams, denormalize_std, denormalize_volume, normalize_volume
@@ -35,7 +36,6 @@ from .volume import (
     overlaps,
     read_volume,
     resample_like,
-    temporary_sibling,
 )
 
 RECORD_FORMAT = "fusioninn-record"

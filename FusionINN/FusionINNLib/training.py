@@ -59,6 +59,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .atomic import atomic_file, atomic_write_text
 from .checkpoint import FORMAT_VERSION, save_checkpoint
 from .engine import Cancelled, SliceEngine, logit, select_device, tune_cpu_allocator
 from .losses import (
@@ -249,26 +250,6 @@ def derived_seed(*parts: int) -> int:
     return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as stream:
-            stream.write(text)
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600 files; use what open() would
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
 def schema_path(table: Path) -> Path:
     """Slicer's table-schema sidecar: ``H.tsv`` → ``H.schema.tsv`` (same base name)."""
     name = table.name
@@ -297,8 +278,8 @@ def write_table(path: Path, columns: Sequence[Tuple[str, str]], rows: Sequence[D
     lines = ["\t".join(name for name, _ in columns)]
     lines += ["\t".join(_format_cell(row.get(name)) for name, _ in columns) for row in rows]
     schema = ["columnName\ttype"] + [f"{name}\t{kind}" for name, kind in columns]
-    _atomic_write_text(schema_path(path), "\n".join(schema) + "\n")
-    _atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write_text(schema_path(path), "\n".join(schema) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -1040,7 +1021,7 @@ class _Trainer:
                   "dataset_size": len(self.train_set),
                   "items": [list(self.train_set.describe(i)) for i in range(len(self.train_set))],
                   "ranks": ranks}
-        _atomic_write_text(self.run_dir / "partition.json", json.dumps(record) + "\n")
+        atomic_write_text(self.run_dir / "partition.json", json.dumps(record) + "\n")
 
     def plot(self) -> Optional[Path]:
         try:
@@ -1212,16 +1193,8 @@ def plot_history(history: Sequence[Dict[str, Any]], path: Path) -> Path:
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
-    os.close(handle)
-    try:
-        figure.savefig(temporary, format="png")
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    with atomic_file(path) as temp:
+        figure.savefig(temp, format="png")
     return path
 
 

@@ -31,6 +31,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import temporary_sibling
+
 PathLike = Union[str, "os.PathLike[str]"]
 INTEGER_ONLY_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 # 2-D-only writers: ITK silently keeps the first slice of a 3-D volume written to them.
@@ -448,22 +450,6 @@ def _integer_only_array(array: np.ndarray) -> np.ndarray:
         finite = finite * 255.0
     finite = np.clip(np.rint(finite), 0, 65535)
     return finite.astype(np.uint8 if finite.max() <= 255 else np.uint16)
-
-
-def temporary_sibling(path: Path) -> Path:
-    """A fresh, unused file name next to ``path`` that keeps its (multi-part) extension."""
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(handle)
-    # mkstemp creates 0600 files; give the final file the permissions a plain open() would.
-    os.chmod(name, 0o666 & ~_current_umask())
-    return Path(name)
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _prepare_image(volume: Volume, path: Path, metadata: Optional[Dict[str, str]]) -> sitk.Image:

@@ -1,0 +1,61 @@
+"""All-or-nothing file writes: write a hidden temporary sibling, then rename it over the target.
+
+``os.replace`` within one folder is atomic on POSIX and Windows, so a reader sees either the old
+file or the complete new one, never a half-written file, and a crash leaves at most a hidden
+``.<name>.*.tmp<ext>`` file behind (the leading dot keeps it out of case discovery).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Union
+
+PathLike = Union[str, os.PathLike]
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def temporary_sibling(path: PathLike) -> Path:
+    """A fresh, unused file name next to ``path`` that keeps its (multi-part) extension, so that
+    writers choosing the format from the name (SimpleITK, matplotlib) still do the right thing."""
+    path = Path(path)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(handle)
+    # mkstemp creates 0600 files; give the final file the permissions a plain open() would.
+    os.chmod(name, 0o666 & ~_current_umask())
+    return Path(name)
+
+
+@contextmanager
+def atomic_file(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write; it replaces ``path`` when the block ends
+    normally and is removed when the block raises (``path`` is then left as it was)."""
+    path = Path(path)
+    temp = temporary_sibling(path)
+    try:
+        yield temp
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` all-or-nothing, creating missing parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as temp:
+        temp.write_bytes(data)
+    return path
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8, ``\\n`` line ends on every platform) to ``path`` all-or-nothing."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
