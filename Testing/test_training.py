@@ -7,8 +7,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -118,6 +120,41 @@ def test_resume_continues_the_history_and_matches_an_uninterrupted_run(data_dir,
     b = load_checkpoint(resumed.model_path).model.graph.state_dict()
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+
+
+def test_a_killed_run_resumes_from_its_last_complete_epoch(data_dir, tmp_path):
+    """SIGKILL in the middle of training (no handler runs): last.pt is a complete checkpoint of the
+    last finished epoch, and --resume carries on from there with the whole history."""
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "FusionINNLib.cli", "train", str(data_dir), "--output", str(out / "model.pt"),
+               "--epochs", "100", "--batch-size", "4", "--crop-size", "32", "--val-fraction", "0.34", "--seed", "3",
+               "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    env = dict(os.environ, PYTHONPATH=str(REPO / "FusionINN"), OMP_NUM_THREADS="1")
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    last = out / "model_run" / "last.pt"
+    deadline = time.monotonic() + 300
+    try:
+        while not last.exists():
+            assert process.poll() is None, process.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.05)
+        time.sleep(1.0)  # well into the next epoch, possibly while last.pt is being rewritten
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+    assert not (out / "model.pt").exists()  # the model is written once, at the end
+
+    state = torch.load(last, map_location="cpu", weights_only=True)[training.STATE_KEY]
+    done = state["epoch"]
+    assert done >= 1 and [row["epoch"] for row in state["history"]] == list(range(1, done + 1))
+
+    messages = []
+    resumed = train(_config(data_dir, out, epochs=done + 1, crop_size=32, resume=str(last)), log=messages.append)
+    assert any("resuming" in m for m in messages)
+    assert [row["epoch"] for row in _read_tsv(resumed.history_path)] == [str(e) for e in range(1, done + 2)]
+    assert load_checkpoint(resumed.model_path).metadata["training"]["epochs_run"] == done + 1
 
 
 def test_nan_guard_skips_the_step_and_says_so(data_dir, tmp_path, monkeypatch):
