@@ -194,6 +194,27 @@ def test_latent_file_layout(tmp_path, model_path):
     assert np.abs(out.source1.array - t1).max() < 0.05
 
 
+def test_a_latent_only_decomposes_the_fused_image_it_was_written_with(tmp_path, model_path):
+    quiet = dict(model=model_path, device="cpu", log=lambda m: None)
+    t1, flair = brain_pair(seed=1)
+    other1, other2 = brain_pair(seed=2)  # same shape and geometry: only the fingerprint tells them apart
+    fuse_files(write_image(tmp_path / "a.nrrd", t1), write_image(tmp_path / "b.nrrd", flair), tmp_path / "f.nrrd",
+               latent=tmp_path / "z.nrrd", **quiet)
+    fuse_files(write_image(tmp_path / "c.nrrd", other1), write_image(tmp_path / "d.nrrd", other2),
+               tmp_path / "g.nrrd", latent=tmp_path / "w.nii.gz", **quiet)
+    with pytest.raises(VolumeError, match="different fused image"):
+        decompose_files(tmp_path / "g.nrrd", tmp_path / "x.nrrd", tmp_path / "y.nrrd", latent=tmp_path / "z.nrrd",
+                        **quiet)
+    assert not (tmp_path / "x.nrrd").exists() and not (tmp_path / "y.nrrd").exists()
+    out = decompose_files(tmp_path / "f.nrrd", tmp_path / "x.nrrd", tmp_path / "y.nrrd", latent=tmp_path / "z.nrrd",
+                          **quiet)
+    assert np.abs(out.source1.array - t1).max() < 0.05
+    # NIfTI keeps no custom header: its latent is accepted on shape alone (documented).
+    out = decompose_files(tmp_path / "g.nrrd", tmp_path / "x2.nrrd", tmp_path / "y2.nrrd",
+                          latent=tmp_path / "w.nii.gz", **quiet)
+    assert np.abs(out.source2.array - other2).max() < 0.05
+
+
 # -- command line -------------------------------------------------------------------------------
 def run_cli(*args, cwd=None):
     env = dict(os.environ, PYTHONPATH=str(REPO / "FusionINN"))

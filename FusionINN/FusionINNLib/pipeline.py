@@ -12,6 +12,7 @@ functions; :class:`Volume` objects are what the Slicer module builds from MRML n
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field, replace
@@ -308,18 +309,32 @@ def check_record_fits(record: Dict[str, Any], volume: Volume, name: str) -> None
                              f"but the image has {volume.shape[axis]}; was the image cropped or resampled?")
 
 
+LATENT_KEY = "FusionINN_latent"
+
+
+def fused_fingerprint(array: np.ndarray) -> str:
+    """SHA-256 of the fused voxels as float32, stored in the kept latent's header: a latent only
+    inverts the fused image it was written with, and a shape check cannot tell two fusions of
+    same-sized volumes apart."""
+    return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
+
+
 def latent_image(latent: np.ndarray, reference: Volume, axis: int) -> sitk.Image:
-    """The kept latent as a 2-component image; its grid is the reference's, padded at the high end."""
+    """The kept latent as a 2-component image; its grid is the reference's (the fused volume),
+    padded at the high end."""
     components = np.stack([latent[0], latent[1]], axis=-1)  # (k, j, i, 2)
     image = sitk.GetImageFromArray(np.ascontiguousarray(components, dtype=np.float32), isVector=True)
     image.SetSpacing(reference.spacing)
     image.SetOrigin(reference.origin)
     image.SetDirection(reference.direction)
-    image.SetMetaData("FusionINN_latent", json.dumps({"axis": axis, "components": ["z", "u_residual"]}))
+    image.SetMetaData(LATENT_KEY, json.dumps({"axis": axis, "components": ["z", "u_residual"],
+                                              "fused_sha256": fused_fingerprint(reference.array)}))
     return image
 
 
-def read_latent(path: PathLike) -> np.ndarray:
+def read_latent(path: PathLike, fused: Optional[Volume] = None) -> np.ndarray:
+    """The kept latent (2, *padded grid). With ``fused``, refuse a latent whose header records a
+    different fused image (NRRD and MHA keep the header; NIfTI cannot, so it is not checked)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: latent file not found")
@@ -330,6 +345,15 @@ def read_latent(path: PathLike) -> np.ndarray:
     if image.GetNumberOfComponentsPerPixel() != 2 or image.GetDimension() != 3:
         raise VolumeError(f"{path}: not a FusionINN latent (expected a 3-D image with 2 components)")
     check_complete_file(path, image)
+    if fused is not None:
+        try:
+            recorded = json.loads(image.GetMetaData(LATENT_KEY)).get("fused_sha256")
+        except (RuntimeError, ValueError, AttributeError):
+            recorded = None  # no header (e.g. NIfTI) or one from an older version
+        if recorded and recorded != fused_fingerprint(fused.array):
+            raise VolumeError(f"{path}: this latent was written with a different fused image (or the fused image "
+                              "was changed since); an exact decomposition needs the latent written together with "
+                              "it. Without the latent, decompose with --samples.")
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
     del image
     if not np.isfinite(array).all():
@@ -473,7 +497,7 @@ def decompose_files(fused: PathLike, output1: PathLike, output2: PathLike, laten
     record = read_record(fused_path, volume)
     if record is not None:
         check_record_fits(record, volume, str(fused_path))
-    latent_array = read_latent(latent) if latent is not None else None
+    latent_array = read_latent(latent, fused=volume) if latent is not None else None
     if latent_array is not None and options.get("samples", 1) > 1:
         raise ValueError("an exact decomposition (--latent) takes no --samples")
     loaded = resolve_model(model)
