@@ -90,6 +90,12 @@ def test_one_epoch_writes_model_tables_schemas_and_plot_with_a_subject_split(dat
     for column in ("fusion_ssim_t1ce", "fusion_ssim_flair", "decomposition_ssim_t1ce", "decomposition_psnr_flair"):
         value = float(metrics[-1][column])
         assert math.isfinite(value) and (value <= 1.0 or "psnr" in column)
+    # The whole fusion metric suite joins the table (mean over each case's slices).
+    from FusionINNLib.metrics import FUSION_METRIC_NAMES
+
+    for name in FUSION_METRIC_NAMES:
+        assert math.isfinite(float(metrics[0][f"fusion_{name}"])), name
+    assert 0.0 < float(metrics[-1]["fusion_Q_SSIM"]) <= 1.0 and 0.0 < float(metrics[-1]["fusion_Q_FMI"]) <= 1.0
     metric_schema = {row["columnName"]: row["type"] for row in _read_tsv(training.schema_path(result.metrics_path))}
     assert metric_schema["case"] == "string" and metric_schema["slices"] == "int"
     assert metric_schema["decomposition_ssim_t1ce"] == "double"

@@ -51,6 +51,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -73,6 +74,7 @@ from .losses import (
     per_image_ssim,
     sample_prior,
 )
+from .metrics import MetricWarning, fusion_metrics
 from .model import FusionFlow, FusionINNConfig
 from .normalization import MODES
 
@@ -574,23 +576,32 @@ def mean_slice_ssim(a: np.ndarray, b: np.ndarray) -> float:
 def evaluate_case(flow: FusionFlow, slices1: np.ndarray, slices2: np.ndarray, *, samples: int = 1,
                   seed: int = 0, prior: str = "normal", device: str = "cpu", batch_size: int = 8
                   ) -> Dict[str, float]:
-    """Fusion SSIM per source (against the source clipped to [0, 1]) and sampled-z decomposition
-    SSIM / PSNR per source (keys ``*_1``, ``*_2``) for a stack of normalized slices (N, H, W),
-    using the inference engine."""
+    """Fusion SSIM per source (against the source clipped to [0, 1]), sampled-z decomposition
+    SSIM / PSNR per source (keys ``*_1``, ``*_2``) and the whole fusion metric suite (keys
+    ``fusion_<metric>``: the paper's five and MMIF-AMIN's set, mean over the slices, data range 1)
+    for a stack of normalized slices (N, H, W), using the inference engine."""
     engine = SliceEngine(copy.deepcopy(flow), device=device, batch_size=batch_size)
     x1 = np.asarray(slices1, dtype=np.float32)
     x2 = np.asarray(slices2, dtype=np.float32)
     fused = engine.fuse(x1, x2).fused
     d1, d2, _, _ = engine.decompose_sampled(fused, samples=samples, seed=seed, prior=prior)
-    return {
-        # The fused image is in (0, 1): scored against the sources clipped to [0, 1], as trained.
-        "fusion_ssim_1": mean_slice_ssim(fused, np.clip(x1, 0.0, 1.0)),
-        "fusion_ssim_2": mean_slice_ssim(fused, np.clip(x2, 0.0, 1.0)),
+    # The fused image is in (0, 1): scored against the sources clipped to [0, 1], as trained.
+    c1, c2 = np.clip(x1, 0.0, 1.0), np.clip(x2, 0.0, 1.0)
+    values = {
+        "fusion_ssim_1": mean_slice_ssim(fused, c1),
+        "fusion_ssim_2": mean_slice_ssim(fused, c2),
         "decomposition_ssim_1": mean_slice_ssim(d1, x1),
         "decomposition_ssim_2": mean_slice_ssim(d2, x2),
         "decomposition_psnr_1": psnr(d1, x1),
         "decomposition_psnr_2": psnr(d2, x2),
     }
+    with warnings.catch_warnings():
+        # Degenerate slices (e.g. flat ones) give NaN or defined values with a MetricWarning; the
+        # table shows the values, a warning per case would only repeat them.
+        warnings.simplefilter("ignore", MetricWarning)
+        suite = fusion_metrics(c1, c2, fused, data_range=1.0, axis=0)["summary"]
+    values.update({f"fusion_{name}": float(value) for name, value in suite.items()})
+    return values
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1132,7 +1143,9 @@ class _Trainer:
                 row = {"case": case.case_id, "subject": case.subject_id, "split": split_name,
                        "slices": len(case.indices)}
                 for key, value in values.items():
-                    row[key[:-2] + "_" + names[int(key[-1]) - 1]] = value
+                    if key.endswith(("_1", "_2")):  # per source: named after the modality
+                        key = key[:-2] + "_" + names[int(key[-1]) - 1]
+                    row[key] = value
                 rows.append(row)
             numeric = [name for name in rows[0] if name not in ("case", "subject", "split", "slices")]
             mean_row = {"case": "mean", "subject": "", "split": split_name,
