@@ -351,9 +351,9 @@ def read_latent(path: PathLike, fused: Optional[Volume] = None) -> np.ndarray:
         except (RuntimeError, ValueError, AttributeError):
             recorded = None  # no header (e.g. NIfTI) or one from an older version
         if recorded and recorded != fused_fingerprint(fused.array):
-            raise VolumeError(f"{path}: this latent was written with a different fused image (or the fused image "
-                              "was changed since); an exact decomposition needs the latent written together with "
-                              "it. Without the latent, decompose with --samples.")
+            raise VolumeError(f"{path}: latent does not belong to this fused volume (it was written with a "
+                              "different fused image, or the fused image was changed since); use the latent written "
+                              "with it, or decompose without a latent (--samples)")
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
     del image
     if not np.isfinite(array).all():
