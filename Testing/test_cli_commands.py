@@ -35,6 +35,7 @@ def test_demo_with_the_bundled_model(tmp_path):
     done = run_cli("demo", "--output", tmp_path / "demo")
     assert done.returncode == 0, done.stderr
     assert "UNTRAINED" not in done.stderr
+    assert "Warning" not in done.stderr  # the main job talks to a new user in plain lines
     out = tmp_path / "demo"
     for name in ("fused.nrrd", "fused.fusioninn.json", "latent.nrrd", "decomposed_exact_t1ce.nrrd",
                  "decomposed_t1ce.nrrd", "uncertainty_flair.nrrd", "metrics.json", "montage.png"):
