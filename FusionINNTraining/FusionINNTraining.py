@@ -476,6 +476,7 @@ def training_config(args: argparse.Namespace, training) -> Any:
         grad_clip=float(unset["gradClip"]) if unset["gradClip"] else None,
         crop_size=unset["cropSize"],
         max_val_slices=unset["maxValidationSlices"],
+        intensity_jitter=args.intensityJitter,
     )
 
 

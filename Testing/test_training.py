@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -271,3 +272,26 @@ def test_cli_choices_match_the_library():
     assert cli.TRAIN_PRIORS == losses.PRIORS
     assert cli.TRAIN_LATENT_LOSSES == losses.LATENT_LOSSES
     assert cli.TRAIN_LATENT_LOSSES[0] == losses.DEFAULT_LATENT_LOSS
+
+
+def test_intensity_jitter_is_an_affine_map_per_sample_and_modality_reproducible_and_off_by_default():
+    rng = np.random.default_rng(0)
+    slices = rng.uniform(-0.2, 1.2, size=(2, 3, 40, 44)).astype(np.float32)
+    case = training.CaseData("c", "s", slices[0], slices[1], np.arange(3))
+    plain = training.SliceDataset([case], multiple=4, crop=32, seed=7)
+    jittered = training.SliceDataset([case], multiple=4, crop=32, seed=7, jitter=0.1)
+    assert TrainingConfig.__dataclass_fields__["intensity_jitter"].default == 0.0
+    gains = []
+    for index in range(len(plain)):
+        x, y = plain[index].numpy().astype(np.float64), jittered[index].numpy().astype(np.float64)
+        assert torch.equal(jittered[index], jittered[index])  # same (seed, epoch, item): same sample
+        for channel in range(2):  # the same crop, mapped by g x + o with |g - 1| <= 0.1, |o| <= 0.1
+            gain, offset = np.polyfit(x[channel].ravel(), y[channel].ravel(), 1)
+            assert np.allclose(gain * x[channel] + offset, y[channel], atol=1e-5)
+            assert abs(gain - 1) <= 0.1 and abs(offset) <= 0.1
+            gains.append(gain)
+    assert np.ptp(gains) > 0.01  # drawn per sample and modality, not one constant map
+    jittered.set_epoch(1)
+    assert not torch.equal(jittered[0], training.SliceDataset([case], 4, 32, seed=7, jitter=0.1)[0])
+    with pytest.raises(ValueError, match="intensity_jitter"):
+        TrainingConfig(data_dir=".", output="m.pt", intensity_jitter=1.0).validate()

@@ -24,7 +24,8 @@ export PYTHONPATH="$PWD/FusionINN${PYTHONPATH:+:$PYTHONPATH}"
 "$PYTHON" -m FusionINNLib.cli phantom "$work/data" --cases 12 --shape 64 128 128 --seed 2024 --quiet
 start=$(date +%s)
 "$PYTHON" -m FusionINNLib.cli train "$work/data" --output "$work/model.pt" --run-dir "$work/run" \
-    --labels brain --epochs "$EPOCHS" --batch-size 8 --lr 1e-3 --crop-size 64 --val-fraction 0.2 \
+    --labels brain --epochs "$EPOCHS" --batch-size 8 --lr 1e-3 --crop-size 64 --intensity-jitter 0.1 \
+    --val-fraction 0.2 \
     --max-val-slices 48 --seed 0 --device cpu --cache-dir "$work/cache"
 seconds=$(( $(date +%s) - start ))
 

@@ -481,6 +481,10 @@ def _add_train(sub) -> None:
     p.add_argument("--grad-clip", type=float, metavar="G", help="clip the global gradient norm to G (default: off)")
     p.add_argument("--crop-size", type=_positive_int, metavar="C",
                    help="train on random CxC crops (multiple of 4, >= 16; much faster on a CPU; default: whole slices)")
+    p.add_argument("--intensity-jitter", type=_fraction_arg, default=0.0, metavar="J",
+                   help="augment: map each training input to g*x + o per sample and modality, g in [1-J, 1+J], "
+                        "o in [-J, J], for robustness to normalization differences between scanners "
+                        "(default: 0 = off; the bundled model used 0.1)")
     p.add_argument("--max-val-slices", type=_positive_int, metavar="N",
                    help="validate on N evenly spaced validation slices (default: all)")
     p.add_argument("--cache-dir", metavar="DIR",
@@ -508,6 +512,7 @@ def _run_train(args, reporter: Reporter) -> int:
         val_fraction=args.val_fraction, max_cases=args.max_cases, seed=args.seed, device=args.device,
         amp=args.amp, resume=args.resume, patience=args.patience, early_stopping=args.early_stopping,
         grad_clip=args.grad_clip, crop_size=args.crop_size, max_val_slices=args.max_val_slices,
+        intensity_jitter=args.intensity_jitter,
         num_workers=args.num_workers)
     with reporter.progress("train") as update:
         def log(message: str) -> None:
