@@ -485,6 +485,15 @@ def _add_train(sub) -> None:
                    help="augment: map each training input to g*x + o per sample and modality, g in [1-J, 1+J], "
                         "o in [-J, J], for robustness to normalization differences between scanners "
                         "(default: 0 = off; the bundled model used 0.1)")
+    p.add_argument("--gradient-weight", type=_non_negative_float, default=0.0, metavar="G",
+                   help="weight of the edge term inside the fusion loss: L1 between the fused image's finite "
+                        "differences and the stronger source's (default: 0 = the paper; the bundled model: "
+                        "see docs/models.md)")
+    p.add_argument("--init-model", metavar="MODEL.pt",
+                   help="start from this model's weights (fine-tuning, e.g. whole slices after crops); same "
+                        "architecture required (default: fresh initialisation)")
+    p.add_argument("--max-train-slices", type=_positive_int, metavar="N",
+                   help="train on N evenly spaced training slices (default: all)")
     p.add_argument("--max-val-slices", type=_positive_int, metavar="N",
                    help="validate on N evenly spaced validation slices (default: all)")
     p.add_argument("--cache-dir", metavar="DIR",
@@ -512,7 +521,8 @@ def _run_train(args, reporter: Reporter) -> int:
         val_fraction=args.val_fraction, max_cases=args.max_cases, seed=args.seed, device=args.device,
         amp=args.amp, resume=args.resume, patience=args.patience, early_stopping=args.early_stopping,
         grad_clip=args.grad_clip, crop_size=args.crop_size, max_val_slices=args.max_val_slices,
-        intensity_jitter=args.intensity_jitter,
+        intensity_jitter=args.intensity_jitter, gradient_weight=args.gradient_weight,
+        init_model=args.init_model, max_train_slices=args.max_train_slices,
         num_workers=args.num_workers)
     with reporter.progress("train") as update:
         def log(message: str) -> None:

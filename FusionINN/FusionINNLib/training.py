@@ -70,6 +70,7 @@ from .losses import (
     adaptive_weights,
     decomposition_loss,
     fusion_loss,
+    gradient_loss,
     latent_loss,
     per_image_ssim,
     sample_prior,
@@ -87,7 +88,8 @@ CancelFn = Callable[[], bool]
 DEFAULT_LABELS = "2,1|3"  # oedema AND (necrosis OR non-enhancing tumour): the paper's slices
 BRAIN_LABELS = ("brain", "none", "")  # spellings of "no label rule: brain-content slices"
 MIN_FREE_BYTES = 64 * 1024 * 1024
-LOSS_PARTS = ("loss", "fusion", "fusion_ssim", "fusion_l2", "latent", "dec", "dec_ssim", "dec_l2")
+LOSS_PARTS = ("loss", "fusion", "fusion_ssim", "fusion_l2", "fusion_grad", "latent", "dec", "dec_ssim",
+              "dec_l2")
 STATE_KEY = "training_state"
 # Fusion targets are clipped to [m, 1 − m] (see _Trainer._losses), which keeps |u| <= logit(1 − m) ≈ 6.9.
 FUSION_TARGET_MARGIN = 1e-3
@@ -153,6 +155,13 @@ class TrainingConfig:
     # and cases (measured: a phantom-trained model fused a real brain's background at 0.01-0.07
     # instead of ~0.001, which alone took the fusion SSIM from 0.74 to 0.25). 0 = off (the paper).
     intensity_jitter: float = 0.0
+    # Weight of the max-abs gradient term inside the fusion loss (losses.gradient_loss): SSIM + ℓ2
+    # alone converge towards the average, which halves every edge only one source has. 0 = the paper.
+    gradient_weight: float = 0.0
+    # Start from this model's weights instead of a fresh initialisation (fine-tuning, e.g. whole
+    # slices after crops); its architecture must match the run's.
+    init_model: Optional[str] = None
+    max_train_slices: Optional[int] = None  # evenly spaced subset of the training slices
     num_workers: int = 0
 
     def __post_init__(self) -> None:
@@ -176,7 +185,7 @@ class TrainingConfig:
             raise ValueError(f"need two different modalities, got {list(self.modalities)}")
         for name in ("epochs", "batch_size", "crops_per_slice", "metric_samples"):
             positive_int(name, getattr(self, name))
-        for name in ("max_cases", "early_stopping", "max_val_slices"):
+        for name in ("max_cases", "early_stopping", "max_val_slices", "max_train_slices"):
             positive_int(name, getattr(self, name), allow_none=True)
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"learning rate must be a positive number, got {self.lr}")
@@ -194,6 +203,8 @@ class TrainingConfig:
             raise ValueError(f"unknown latent loss {self.latent_loss!r}; choose one of {', '.join(LATENT_LOSSES)}")
         if not (math.isfinite(self.latent_weight) and self.latent_weight >= 0):
             raise ValueError(f"latent_weight must be >= 0, got {self.latent_weight}")
+        if not (math.isfinite(self.gradient_weight) and self.gradient_weight >= 0):
+            raise ValueError(f"gradient_weight must be >= 0, got {self.gradient_weight}")
         if len(self.modality_weights) != 2 or min(self.modality_weights) < 0 or sum(self.modality_weights) <= 0:
             raise ValueError(f"modality weights must be two numbers >= 0 with a positive sum, got "
                              f"{list(self.modality_weights)}")
@@ -786,7 +797,7 @@ class _Trainer:
         model_config = c.model_config()
         multiple = model_config.pad_multiple
         self.train_set = SliceDataset(self.train_data, multiple, c.crop_size, c.crops_per_slice, c.seed,
-                                      jitter=c.intensity_jitter)
+                                      subset=c.max_train_slices, jitter=c.intensity_jitter)
         self.val_set = SliceDataset(self.val_data, multiple, None, 1, c.seed, subset=c.max_val_slices) \
             if self.val_data else None
         self.sampler = torch.utils.data.distributed.DistributedSampler(
@@ -839,6 +850,8 @@ class _Trainer:
             self.stale_epochs = int(state["stale_epochs"])
             self.log(f"resuming from {self.resume_path} after epoch {state['epoch']} "
                      f"(best so far: epoch {self.best_epoch}, loss {self.best_loss:.5f})")
+        elif c.init_model:
+            self.load_initial_weights(model_config)
         else:
             self.sampler.set_epoch(1)
             self.train_set.set_epoch(1)
@@ -852,6 +865,17 @@ class _Trainer:
 
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.step_module = DistributedDataParallel(self.step_module, device_ids=device_ids)
+
+    def load_initial_weights(self, model_config: FusionINNConfig) -> None:
+        from .checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(self.config.init_model)
+        if loaded.model.config != model_config:
+            raise ValueError(f"{self.config.init_model}: its architecture ({loaded.model.config}) differs from "
+                             f"this run's ({model_config}); use the same blocks, subnet and seed settings")
+        self.flow.graph.load_state_dict(loaded.model.graph.state_dict())
+        self.flow.set_actnorm_data_init(False)
+        self.log(f"starting from the weights of {self.config.init_model}")
 
     # -- one pass ------------------------------------------------------------------------------
     def _autocast(self):
@@ -879,12 +903,14 @@ class _Trainer:
         # unclipped sources.
         targets = x.clamp(FUSION_TARGET_MARGIN, 1.0 - FUSION_TARGET_MARGIN)
         fusion = fusion_loss(y, targets, c.lam, ssim_w, l2_w)
+        grad = gradient_loss(y, targets) if c.gradient_weight > 0 else x.new_zeros(())
         dec = decomposition_loss(x_hat.float(), x, c.lam, c.modality_weights)
         latent = latent_loss(c.latent_loss, z.float(), c.prior, latent_generator) \
             if c.latent_loss != "none" else x.new_zeros(())
-        total = c.alpha * (fusion.total + c.latent_weight * latent) + (1.0 - c.alpha) * dec.total
+        total = c.alpha * (fusion.total + c.gradient_weight * grad + c.latent_weight * latent) \
+            + (1.0 - c.alpha) * dec.total
         return {"loss": total, "fusion": fusion.total, "fusion_ssim": fusion.ssim, "fusion_l2": fusion.l2,
-                "latent": latent, "dec": dec.total, "dec_ssim": dec.ssim, "dec_l2": dec.l2}
+                "fusion_grad": grad, "latent": latent, "dec": dec.total, "dec_ssim": dec.ssim, "dec_l2": dec.l2}
 
     def _generators(self, *parts: int) -> Tuple[torch.Generator, torch.Generator]:
         z_generator = torch.Generator(device=self.device) if self.device.type != "mps" else torch.Generator()
