@@ -347,7 +347,7 @@ def run_batch(root: PathLike, output_dir: PathLike, *, modalities: Sequence[str]
     skipped become ``skipped`` rows. When ``cancel()`` turns true the current case stops, the
     remaining ones are marked ``cancelled`` and the summary is still written.
     """
-    from .checkpoint import resolve_model
+    from .checkpoint import LoadedModel, resolve_model
     from .engine import Cancelled
     from .pipeline import fuse_volumes, write_fused
     from .volume import read_volume
@@ -361,7 +361,7 @@ def run_batch(root: PathLike, output_dir: PathLike, *, modalities: Sequence[str]
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):
         raise PermissionError(f"{out}: output folder is not writable")
-    loaded = resolve_model(model)
+    loaded = model if isinstance(model, LoadedModel) else resolve_model(model)
     if loaded.origin == "random":
         log("warning: no trained model found (bundled model missing, no --model given): "
             "using an untrained random model")

@@ -813,7 +813,7 @@ def explain_files(input1: Any, input2: Any, guidance1: Any, guidance2: Any, *, r
     inputs = [Path(input1), Path(input2)]
     outputs = [guidance1, guidance2, rgb, jacobian1, jacobian2, scatter]
     check_outputs(inputs, outputs)
-    loaded = resolve_model(model)
+    loaded = model if isinstance(model, LoadedModel) else resolve_model(model)
     volume1, volume2 = read_volume(inputs[0]), read_volume(inputs[1])
     explainer = VolumeExplainer(volume1, volume2, loaded, axis=axis, normalization=normalization, device=device,
                                 log=log)

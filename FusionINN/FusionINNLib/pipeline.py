@@ -25,6 +25,7 @@ import SimpleITK as sitk
 from .atomic import temporary_sibling
 from .checkpoint import LoadedModel, resolve_model
 from .engine import CancelCheck, ProgressCallback, SliceEngine
+from .errors import LatentMismatchError, ModelMismatchError, OptionError
 from .normalization import NormalizationParams, denormalize_std, denormalize_volume, normalize_volume
 from .volume import (
     DETACHED_HEADER_SUFFIXES,
@@ -242,13 +243,11 @@ def check_record_model(record: Dict[str, Any], model: LoadedModel, allow_mismatc
     same_architecture = not isinstance(recorded_config, dict) or recorded_config == model.config.to_dict()
     if same_architecture and (not recorded or not model.sha256 or recorded == model.sha256):
         return
-    message = (f"the fused volume was made with model {recorded[:12] or '(unsaved)'} "
-               f"({recorded_model.get('path', '?')}) but decomposition uses "
-               f"{model.sha256[:12] or '(unsaved)'} ({model.source})"
-               + ("" if same_architecture else ", a different architecture"))
+    error = ModelMismatchError(recorded_sha256=recorded, recorded_path=recorded_model.get("path", "?"),
+                               used_sha256=model.sha256, used_path=model.source, same_architecture=same_architecture)
     if not allow_mismatch:
-        raise ValueError(message + "; pass the same --model (or --ignore-model-mismatch)")
-    notes.append("warning: " + message)
+        raise error
+    notes.append("warning: " + error.describe())
     log(notes[-1])
 
 
@@ -351,9 +350,7 @@ def read_latent(path: PathLike, fused: Optional[Volume] = None) -> np.ndarray:
         except (RuntimeError, ValueError, AttributeError):
             recorded = None  # no header (e.g. NIfTI) or one from an older version
         if recorded and recorded != fused_fingerprint(fused.array):
-            raise VolumeError(f"{path}: latent does not belong to this fused volume (it was written with a "
-                              "different fused image, or the fused image was changed since); use the latent written "
-                              "with it, or decompose without a latent (--samples)")
+            raise LatentMismatchError(path=str(path), reason="fingerprint")
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
     del image
     if not np.isfinite(array).all():
@@ -369,8 +366,8 @@ def check_latent_fits(latent: np.ndarray, fused: Volume, model: LoadedModel, axi
     dims.insert(axis, fused.shape[axis])
     expected_shape = (2, *dims)
     if tuple(latent.shape) != expected_shape:
-        raise VolumeError(f"{name}: latent of shape {tuple(latent.shape[1:])} does not belong to this fused volume "
-                          f"(expected {tuple(expected_shape[1:])}); use the latent written with it")
+        raise LatentMismatchError(path=name, reason="shape", latent_shape=tuple(latent.shape[1:]),
+                                  expected_shape=tuple(expected_shape[1:]))
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -467,7 +464,7 @@ def fuse_files(input1: PathLike, input2: PathLike, output: PathLike, latent: Opt
     inputs = [Path(input1), Path(input2)]
     check_outputs(inputs, [output, latent, record_sidecar(output)])
     check_latent_format(latent)
-    loaded = resolve_model(model)
+    loaded = model if isinstance(model, LoadedModel) else resolve_model(model)
     names = (str(inputs[0]), str(inputs[1]))
     network_options = {k: v for k, v in options.items() if k != "normalization"}
     _check_axis(options.get("axis", 0))
@@ -490,7 +487,7 @@ def decompose_files(fused: PathLike, output1: PathLike, output2: PathLike, laten
     fused_path = Path(fused)
     check_outputs([fused_path] + ([Path(latent)] if latent else []), [output1, output2, std1, std2])
     if (std1 is None) != (std2 is None):
-        raise ValueError("give both --std1 and --std2, or neither")
+        raise OptionError(rule="both", options=("std1", "std2"))
     volume = read_volume(fused_path)
     for out in (output1, output2, std1, std2):
         check_output_slices(out, volume)
@@ -499,13 +496,13 @@ def decompose_files(fused: PathLike, output1: PathLike, output2: PathLike, laten
         check_record_fits(record, volume, str(fused_path))
     latent_array = read_latent(latent, fused=volume) if latent is not None else None
     if latent_array is not None and options.get("samples", 1) > 1:
-        raise ValueError("an exact decomposition (--latent) takes no --samples")
-    loaded = resolve_model(model)
+        raise OptionError(rule="excludes", options=("latent", "samples"))
+    loaded = model if isinstance(model, LoadedModel) else resolve_model(model)
     if latent_array is not None:
         check_latent_fits(latent_array, volume, loaded, int((record or {}).get("axis", 0)), str(latent))
     result = decompose_volume(volume, record, loaded, latent=latent_array, name=str(fused_path), **options)
     if std1 is not None and result.std1 is None:
-        raise ValueError("standard-deviation maps need --samples 2 or more")
+        raise OptionError(rule="at_least", options=("std1", "samples"), value=2)
     with OutputSet() as outputs:
         outputs.add_volume(result.source1, output1)
         outputs.add_volume(result.source2, output2)
