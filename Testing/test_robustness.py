@@ -100,8 +100,10 @@ def run_subprocess(*args, timeout: float = 120, cwd=None):
                           text=True, env=env, timeout=timeout, cwd=cwd)
 
 
-def assert_one_line_error(code: int, out: str, err: str, command: str, needles: Sequence[str]) -> None:
-    assert code == 1, f"exit {code}; stderr: {err}"
+def assert_one_line_error(code: int, out: str, err: str, command: str, needles: Sequence[str],
+                          expected_code: int = 1) -> None:
+    """``expected_code`` 2: a usage error (options that do not go together), as the README says."""
+    assert code == expected_code, f"exit {code}; stderr: {err}"
     lines = err.strip().splitlines()
     assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
     assert lines[0].startswith(f"fusioninn {command}: error: "), lines[0]
@@ -716,6 +718,7 @@ class DecomposeCase:
     needs_other_model: str = ""
     expect_in_stderr: str = ""
     outputs: Tuple[str, str] = ("d1.nrrd", "d2.nrrd")
+    code: int = 1  # 2 for usage errors
 
 
 def _args(*extra):
@@ -758,9 +761,9 @@ DECOMPOSE_CASES: Dict[str, DecomposeCase] = {
     "output_overwrites_latent": DecomposeCase(lambda f, s: ["--latent", f / "z.nrrd"], outputs=("z.nrrd", "d2.nrrd"),
                                               error=("z.nrrd", "overwrite an input")),
     "std1_without_std2": DecomposeCase(lambda f, s: ["--samples", "2", "--std1", f / "s1.nrrd"],
-                                       error=("--std1 and --std2",)),
+                                       error=("--std1 and --std2",), code=2),
     "latent_and_samples": DecomposeCase(lambda f, s: ["--latent", f / "z.nrrd", "--samples", "3"],
-                                        error=("takes no --samples",)),
+                                        error=("takes no --samples",), code=2),
     "eight_bit_png_fused_image": DecomposeCase(
         lambda f, s: [(shutil.copy(s / "p.png", f / "p.png"), shutil.copy(s / "p.fusioninn.json",
                                                                           f / "p.fusioninn.json")) and "--samples",
@@ -783,7 +786,7 @@ def test_decompose_matrix(name, tmp_path, fused_set, model_path, capfd):
     code, out, err = run_inprocess(capfd, "decompose", tmp_path / case.fused, "--output1", out1, "--output2", out2,
                                    "--model", model, "--device", "cpu", *extra)
     if case.error:
-        assert_one_line_error(code, out, err, "decompose", case.error)
+        assert_one_line_error(code, out, err, "decompose", case.error, case.code)
         assert snapshot(tmp_path) == before
         return
     assert code == 0, err

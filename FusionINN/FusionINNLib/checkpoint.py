@@ -45,8 +45,11 @@ class LoadedModel:
     origin: str = "fusioninn"  # "fusioninn", "reference" (the authors' layout) or "random"
 
     def describe(self) -> Dict[str, Any]:
-        return {"path": self.source, "sha256": self.sha256, "origin": self.origin,
-                "config": self.config.to_dict()}
+        described = {"path": self.source, "sha256": self.sha256, "origin": self.origin,
+                     "config": self.config.to_dict()}
+        if self.sha256:  # a file: where decomposition finds it again from another folder
+            described["absolute_path"] = os.path.abspath(self.source)
+        return described
 
 
 def _numpy_safe_globals() -> list:
@@ -82,15 +85,30 @@ def _read(path: Path) -> Any:
     except (FileNotFoundError, PermissionError):
         raise
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         # torch names weights_only in every unpickling failure; "Unsupported operand" is plain garbage
         # (random bytes), everything else it refuses is a Python object a model file must not hold.
+        # torch's own text (an essay on weights_only, or a bare opcode number) is never shown.
         if "unsupported operand" not in str(error).lower() and (
                 "Unsupported global" in str(error) or "weights_only" in str(error).lower()):
             reason = "it contains Python objects that are not allowed in a model file (refused unsafe unpickling)"
         else:
-            reason = f"not a readable PyTorch checkpoint ({first_line[:160]})"
+            reason = f"not a readable PyTorch checkpoint ({_unreadable_kind(path)})"
         raise CheckpointError(f"{path}: {reason}") from None
+
+
+def _unreadable_kind(path: Path) -> str:
+    """Why torch could not read ``path``, from its first bytes (torch's messages say little)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as error:
+        return (error.strerror or type(error).__name__).lower()
+    if size == 0:
+        return "the file is empty"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save's zip, or its legacy pickle
+        return "damaged or truncated file"
+    return "the file holds something else, e.g. text or another format"
 
 
 def _strip_prefix(state_dict: Dict[str, Any]) -> Dict[str, Any]:
@@ -134,6 +152,11 @@ def load_checkpoint(path: PathLike, config_overrides: Optional[Dict[str, Any]] =
     """Load a model from any accepted checkpoint layout (see module docstring), on the CPU."""
     path = Path(path)
     config, state_dict, metadata, origin = _unpack(path, _read(path))
+    broken = [key for key, value in state_dict.items()
+              if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if broken:
+        raise CheckpointError(f"{path}: {len(broken)} weight tensor(s) hold NaN/Inf values (e.g. {broken[0]}); "
+                              "the training run that wrote it diverged, or the file is damaged")
     if config_overrides:
         config = replace(config, **config_overrides)
     model = FusionFlow(config)
@@ -208,3 +231,29 @@ def resolve_model(model: Optional[PathLike] = None, allow_random: bool = True) -
     flow = FusionFlow(FusionINNConfig())
     flow.eval()
     return LoadedModel(flow, flow.config, {"warning": "untrained random model"}, "random", "", "random")
+
+
+def recorded_model(record: Optional[Dict[str, Any]], fused_path: Optional[PathLike] = None,
+                   log: Optional[Any] = None) -> LoadedModel:
+    """The model a fused image was made with, for a decomposition given no ``--model``.
+
+    The record names the model's file and SHA-256: the bundled default when it matches, else the
+    recorded file (absolute path, as given at fusion time, or next to the fused image) when its
+    SHA-256 still matches. Otherwise the bundled default, which the record check then reports
+    as a different model (with the path to pass as ``--model``).
+    """
+    described = (record or {}).get("model") or {}
+    digest = described.get("sha256") or ""
+    default = bundled_model_path()
+    if not digest or described.get("origin") == "random" or (default.is_file() and file_sha256(default) == digest):
+        return resolve_model()
+    names = [described.get("absolute_path"), described.get("path")]
+    candidates = [Path(name) for name in names if name]
+    if fused_path is not None and described.get("path"):
+        candidates.append(Path(fused_path).parent / Path(described["path"]).name)
+    for candidate in candidates:
+        if candidate.is_file() and file_sha256(candidate) == digest:
+            if log is not None:
+                log(f"decomposing with the model recorded at fusion: {candidate}")
+            return load_checkpoint(candidate)
+    return resolve_model()

@@ -24,9 +24,18 @@ import SimpleITK as sitk
 
 from .atomic import temporary_sibling
 from .checkpoint import LoadedModel, resolve_model
+from .checkpoint import recorded_model as model_of_record
 from .engine import CancelCheck, ProgressCallback, SliceEngine
 from .errors import LatentMismatchError, ModelMismatchError, OptionError
-from .normalization import NormalizationParams, denormalize_std, denormalize_volume, normalize_volume
+from .normalization import (
+    NORMALIZED_LIMIT,
+    NormalizationParams,
+    denormalize_integers,
+    denormalize_std,
+    denormalize_volume,
+    integer_dtype,
+    normalize_volume,
+)
 from .volume import (
     DETACHED_HEADER_SUFFIXES,
     INTEGER_ONLY_SUFFIXES,
@@ -46,6 +55,9 @@ RECORD_VERSION = 1
 # A fused image holds y = sigmoid(u) in [0, 1]; resampling it (e.g. cubic, in a viewer) may
 # overshoot a little, which is clipped. Anything further out is not a fused image.
 FUSED_RANGE_TOLERANCE = 0.01
+# A sampled estimate further than this fraction of the source range outside it is impossible,
+# not sampling noise (see _clamp_sampled).
+IMPLAUSIBLE_MARGIN = 0.1
 PathLike = Union[str, "os.PathLike[str]"]
 Log = Callable[[str], None]
 
@@ -122,6 +134,9 @@ def normalize_pair(volume1: Volume, volume2: Volume, *, axis: int = 0, normaliza
         if params.nonfinite:
             notes.append(f"{name}: {params.nonfinite} NaN/Inf voxels replaced by the background value")
             log(notes[-1])
+        if params.note:
+            notes.append(f"{name}: {params.note}")
+            log(notes[-1])
     # A zero-strided view: the grid and shape of input 1 without holding on to its voxels.
     geometry = replace(volume1, array=np.broadcast_to(np.zeros((), np.float32), volume1.shape), metadata={},
                        notes=[])
@@ -139,6 +154,9 @@ def fuse_normalized(pair: NormalizedPair, model: LoadedModel, *, axis: int = 0, 
         notes.append("AMP disabled: a kept latent needs float32 for an exact decomposition")
     engine = SliceEngine(model.model, device, batch_size, amp, progress=progress, cancel=cancel, log=log)
     result = engine.fuse(pair.x1, pair.x2, axis=axis, keep_latent=keep_latent)
+    if not np.isfinite(result.fused).all() or (result.latent is not None and not np.isfinite(result.latent).all()):
+        raise ValueError(f"the model ({model.source}) produced NaN/Inf values; is the model file damaged or from a "
+                         "diverged training run?")
     record = {
         "format": RECORD_FORMAT,
         "version": RECORD_VERSION,
@@ -149,6 +167,10 @@ def fuse_normalized(pair: NormalizedPair, model: LoadedModel, *, axis: int = 0, 
         "inputs": list(input_names),
         "notes": notes,
     }
+    if result.latent is not None:
+        # the latent's own fingerprint: checked for every latent format, also NIfTI, which keeps
+        # no header for the fused image's fingerprint (batch latents are .nii.gz by default)
+        record["latent_sha256"] = latent_fingerprint(result.latent)
     fused = pair.geometry.with_array(result.fused)
     return FusionOutput(fused, result.latent, record, notes)
 
@@ -173,17 +195,21 @@ def decompose_volume(fused: Volume, record: Optional[Dict[str, Any]] = None,
                      device: str = "auto", batch_size: int = 8,
                      progress: Optional[ProgressCallback] = None, cancel: Optional[CancelCheck] = None,
                      log: Log = print, allow_model_mismatch: bool = False,
-                     name: str = "the fused volume") -> DecompositionOutput:
+                     name: str = "the fused volume", float_output: bool = False) -> DecompositionOutput:
     """Decompose ``fused`` into source estimates in source units (when the record is known).
 
-    With ``latent`` (from fusion with ``keep_latent``) the result is the exact inverse. Otherwise
-    ``samples`` latents are drawn from ``prior`` (scaled by ``temperature``) and the per-voxel mean
-    is returned, plus the per-voxel standard deviation when ``samples > 1``. ``name`` (the file)
-    is what error messages call the fused volume.
+    With ``latent`` (from fusion with ``keep_latent``) the result is the exact inverse, in the
+    source's integer type when the source was an integer image and every voxel lands on an integer
+    (``float_output`` keeps float32). Otherwise ``samples`` latents are drawn from ``prior``
+    (scaled by ``temperature``) and the per-voxel mean is returned (float32, clamped to the
+    recorded source range, with a note counting the clamped voxels), plus the per-voxel standard
+    deviation when ``samples > 1``. ``name`` (the file) is what error messages call the fused volume.
     """
-    model = model or resolve_model()
+    model = model or model_of_record(record, log=log)
     notes: List[str] = []
     y = fused_values(fused.array, name, notes, log)  # first: a wrong image is refused before any note
+    if latent is not None and record is not None:
+        check_latent_record(record, latent, "the latent")
     axis = 0
     params: Optional[Tuple[NormalizationParams, NormalizationParams]] = None
     if record is not None:
@@ -201,15 +227,83 @@ def decompose_volume(fused: Volume, record: Optional[Dict[str, Any]] = None,
     else:
         x1, x2, s1, s2 = engine.decompose_sampled(y, axis, samples, seed, temperature, prior)
         std = (s1, s2)
+    for index, x in enumerate((x1, x2)):
+        # NaN comes from a diverged model, never from a valid decomposition; a sampled inverse may
+        # overflow next to saturated voxels (clamped below), an exact one must not
+        if np.isnan(x).any() or (latent is not None and not np.isfinite(x).all()):
+            raise ValueError(f"the model produced NaN/Inf values decomposing {name} (source {index + 1}); "
+                             "is the model file damaged or from a diverged training run?")
     if params is not None:
         # one at a time: only one extra volume is alive during the conversion
-        x1 = denormalize_volume(x1, params[0])
-        x2 = denormalize_volume(x2, params[1])
+        x1 = _to_source_units(x1, params[0], exact=latent is not None and not float_output, index=1, notes=notes,
+                              log=log)
+        x2 = _to_source_units(x2, params[1], exact=latent is not None and not float_output, index=2, notes=notes,
+                              log=log)
         std = tuple(None if s is None else denormalize_std(s, p) for s, p in zip(std, params))
+    if latent is None:
+        bounds = [_plausible_range(None if params is None else params[i]) for i in range(2)]
+        x1 = _clamp_sampled(x1, bounds[0], 1, notes, log)
+        x2 = _clamp_sampled(x2, bounds[1], 2, notes, log)
+        std = tuple(None if s is None else np.fmin(s, np.float32((b[1] - b[0]) / 2)) for s, b in zip(std, bounds))
     output = DecompositionOutput(fused.with_array(x1), fused.with_array(x2), notes=notes)
     if std[0] is not None:
         output.std1, output.std2 = fused.with_array(std[0]), fused.with_array(std[1])
     return output
+
+
+def _to_source_units(x: np.ndarray, params: NormalizationParams, *, exact: bool, index: int, notes: List[str],
+                     log: Log) -> np.ndarray:
+    """An exact decomposition of an integer source in the source's type (bit-exact); else float32."""
+    dtype = integer_dtype(params) if exact else None
+    if dtype is not None:
+        restored, worst = denormalize_integers(x, params, dtype)
+        if restored is not None:
+            return restored
+        notes.append(f"source {index}: written as float32, not {params.source_dtype}: the round trip is not exact "
+                     f"to the integer (a voxel lies {worst:.3g} from one; float32 cannot carry every value of "
+                     "this source)")
+        log(notes[-1])
+    return denormalize_volume(x, params)
+
+
+def _plausible_range(params: Optional[NormalizationParams]) -> Tuple[float, float]:
+    """Where a source voxel can lie: the recorded finite source range, else the range the
+    normalization maps into the flow's invertible domain (older records, no record)."""
+    if params is not None and params.minimum is not None and params.maximum is not None:
+        return params.minimum, params.maximum
+    low, high = -NORMALIZED_LIMIT, 1.0 + NORMALIZED_LIMIT
+    if params is None:
+        return low, high
+    offset, scale = np.asarray(params.offset), np.asarray(params.scale)
+    ends = np.concatenate([offset + low * scale, offset + high * scale])
+    return float(ends.min()), float(ends.max())
+
+
+def _clamp_sampled(x: np.ndarray, bounds: Tuple[float, float], index: int, notes: List[str], log: Log) -> np.ndarray:
+    """Sampled estimates outside the source range are impossible values: clamp them, say how many.
+
+    Slight undershoots (a background estimated a little below its value) are ordinary sampling
+    error; values beyond ``IMPLAUSIBLE_MARGIN`` of the range outside it (the inverse with a random
+    latent diverges next to saturated fused voxels, e.g. -3e6 for a source of -105..2030) make
+    the note a warning.
+    """
+    low, high = np.float32(bounds[0]), np.float32(bounds[1])
+    outside = int(np.count_nonzero((x < low) | (x > high)))
+    if not outside:
+        return x
+    margin = IMPLAUSIBLE_MARGIN * max(float(high) - float(low), 1e-12)
+    far = int(np.count_nonzero((x < low - margin) | (x > high + margin)))
+    extremes = (float(x.min()), float(x.max()))
+    np.clip(x, low, high, out=x)
+    message = (f"source {index}: {outside} sampled voxel estimate(s) ({100.0 * outside / x.size:.2g} %) outside the "
+               f"source range {bounds[0]:.6g}..{bounds[1]:.6g} clamped to it")
+    if far:
+        message = (f"warning: {message}; {far} of them were impossible values (down to {extremes[0]:.3g} / up to "
+                   f"{extremes[1]:.3g}), where the sampled inverse diverges next to saturated fused voxels; the kept "
+                   "latent (--latent) gives the exact sources")
+    notes.append(message)
+    log(notes[-1])
+    return x
 
 
 def fused_values(array: np.ndarray, name: str, notes: List[str], log: Log) -> np.ndarray:
@@ -316,6 +410,20 @@ def fused_fingerprint(array: np.ndarray) -> str:
     inverts the fused image it was written with, and a shape check cannot tell two fusions of
     same-sized volumes apart."""
     return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
+
+
+def latent_fingerprint(latent: np.ndarray) -> str:
+    """SHA-256 of a kept latent (2, *padded) as float32, stored in the fused image's record."""
+    return hashlib.sha256(np.ascontiguousarray(latent, dtype=np.float32).tobytes()).hexdigest()
+
+
+def check_latent_record(record: Dict[str, Any], latent: np.ndarray, name: str) -> None:
+    """Refuse a latent that is not the one the fused image's record names (any latent format)."""
+    recorded = record.get("latent_sha256")
+    if recorded and recorded != latent_fingerprint(latent):
+        raise VolumeError(f"{name}: latent does not belong to this fused volume (the fused image's record names "
+                          "another latent: written by another fusion, or changed since); use the latent written "
+                          "with it, or decompose without a latent (--samples)")
 
 
 def latent_image(latent: np.ndarray, reference: Volume, axis: int) -> sitk.Image:
@@ -497,9 +605,14 @@ def decompose_files(fused: PathLike, output1: PathLike, output2: PathLike, laten
     latent_array = read_latent(latent, fused=volume) if latent is not None else None
     if latent_array is not None and options.get("samples", 1) > 1:
         raise OptionError(rule="excludes", options=("latent", "samples"))
-    loaded = model if isinstance(model, LoadedModel) else resolve_model(model)
+    if isinstance(model, LoadedModel):
+        loaded = model
+    else:
+        loaded = resolve_model(model) if model is not None else model_of_record(record, fused_path, options.get("log"))
     if latent_array is not None:
         check_latent_fits(latent_array, volume, loaded, int((record or {}).get("axis", 0)), str(latent))
+        if record is not None:
+            check_latent_record(record, latent_array, str(latent))
     result = decompose_volume(volume, record, loaded, latent=latent_array, name=str(fused_path), **options)
     if std1 is not None and result.std1 is None:
         raise OptionError(rule="at_least", options=("std1", "samples"), value=2)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
+import shutil
 import stat
 import struct
 import sys
@@ -47,6 +49,10 @@ LUMINANCE_WEIGHTS = (0.299, 0.587, 0.114)
 
 class VolumeError(ValueError):
     """An image that cannot be used; the message names the file and the problem."""
+
+
+class UsageError(ValueError):
+    """Options that do not go together (the command line exits with 2, as for argparse's errors)."""
 
 
 @dataclass
@@ -492,8 +498,7 @@ class OutputSet:
                 compress = Path(path).suffix.lower() in (".nrrd", ".mha", ".gz")
                 sitk.WriteImage(image, str(temp), compress)
             except RuntimeError as error:
-                detail = " ".join(str(error).split())[:200]
-                raise VolumeError(f"{path}: cannot write image ({detail})") from None
+                raise VolumeError(f"{path}: cannot write image ({write_failure(str(error), temp)})") from None
 
         self.add_file(write, path)
 
@@ -511,6 +516,28 @@ class OutputSet:
             for temp, _ in self._pending:
                 temp.unlink(missing_ok=True)
         self._pending = []
+
+
+WRITE_FAILURES = ("no space left on device", "read-only file system", "permission denied", "file too large",
+                  "disk quota exceeded", "input/output error")
+
+
+def write_failure(text: str, temp: Path) -> str:
+    """What ITK's long write error means, in a few words: ITK's text names its source file and
+    object address first and may never say why (a full disk), so the folder is checked too."""
+    lowered = " ".join(text.split()).lower()
+    for reason in WRITE_FAILURES:
+        if reason in lowered:
+            return reason
+    try:
+        if shutil.disk_usage(temp.parent).free < (1 << 20):
+            return "no space left on device"
+    except OSError:
+        pass
+    detail = " ".join(text.split())
+    detail = re.sub(r"Exception thrown in SimpleITK \S+:|\S+\.(cxx|h|hxx):\d+:|ITK ERROR: \S+\(0x[0-9a-f]+\):", "",
+                    detail).strip(" :")
+    return detail[:160] or "the image writer failed"
 
 
 def write_volume(volume: Volume, path: PathLike, metadata: Optional[Dict[str, str]] = None) -> Path:
