@@ -391,12 +391,12 @@ def test_mask_restricts_histogram_and_intensity_metrics():
     assert s != metrics.fusion_metrics(a, b, f)["summary"]
 
 
-def test_empty_mask_gives_nan_and_one_note():
+def test_empty_mask_is_refused_not_a_table_of_nan():
     a, b, f = triple(48)
-    with pytest.warns(MetricWarning, match="mask is empty"):
-        result = metrics.fusion_metrics(a, b, f, mask=np.zeros(a.shape, bool))
-    assert all(math.isnan(v) for v in result["summary"].values())
-    assert result["notes"] == ["the mask is empty; every metric is NaN"]
+    with pytest.raises(ValueError, match="the mask is empty"):
+        metrics.fusion_metrics(a, b, f, mask=np.zeros(a.shape, bool))
+    with pytest.raises(ValueError, match="the mask is empty"):
+        metrics.decomposition_metrics(a, f, mask=np.zeros(a.shape, bool))
 
 
 def test_tiny_images_give_nan_for_windowed_metrics_only():

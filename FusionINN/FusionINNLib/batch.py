@@ -412,6 +412,16 @@ def run_batch(root: PathLike, output_dir: PathLike, *, modalities: Sequence[str]
         except Exception as error:  # noqa: BLE001 - one bad case must not stop the batch
             outcome.status = "failed"
             outcome.message = " ".join(str(error).split()) or type(error).__name__
+        except BaseException:
+            # Ctrl-C or SIGTERM (the command line raises for it): the case's files were never
+            # renamed into place; the summary still lists what was done before it goes on up.
+            outcome.status, outcome.message = "cancelled", "interrupted during this case; nothing written for it"
+            outcomes.append(outcome)
+            for later in cases[number + 1:]:
+                outcomes.append(CaseOutcome(later.case_id, "cancelled", "batch interrupted before this case",
+                                            input1=later.input1, input2=later.input2))
+            write_summary(outcomes, out / summary_name, metric_names)
+            raise
         outcomes.append(outcome)
         log(f"[{number + 1}/{total}] {case.case_id}: {outcome.status}"
             + (f" ({outcome.message})" if outcome.message else ""))

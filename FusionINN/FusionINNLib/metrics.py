@@ -1230,11 +1230,8 @@ def _run_suite(images: Sequence, names: Sequence[str], roles: Sequence[str], mas
         raise ValueError(f"axis {axis} is out of range for {ndim}-D volumes")
     notes: List[str] = []
     if mask_array is not None and not mask_array.any():
-        message = "the mask is empty; every metric is NaN"
-        _warn(message, stacklevel=4)
-        per_slice = {} if checked[0].ndim == 2 else {
-            k: [float("nan")] * checked[0].shape[axis] for k in metric_names}
-        return {"summary": {k: float("nan") for k in metric_names}, "per_slice": per_slice, "notes": [message]}
+        # a table of NaN is no result: refused, as every front end does (issue 13)
+        raise ValueError("the mask is empty (no non-zero voxel); there is nothing to score")
     if checked[0].ndim == 2:
         scaled = _scale(checked, names, roles, paper, data_range, notes)
         values, messages = _collect_warnings(lambda: compute(scaled, mask_array, paper))

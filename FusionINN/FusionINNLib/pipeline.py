@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -41,6 +41,7 @@ from .volume import (
     INTEGER_ONLY_SUFFIXES,
     SINGLE_SLICE_SUFFIXES,
     OutputSet,
+    UsageError,
     Volume,
     VolumeError,
     check_complete_file,
@@ -85,6 +86,68 @@ def _check_axis(axis: int) -> int:
     return axis
 
 
+# Formats whose files hold pixels but no position, spacing or orientation.
+GEOMETRYLESS_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# A label map (segmentation, mask) has a handful of small non-negative integer values.
+LABEL_MAP_MAX_VALUES = 8
+LABEL_MAP_SAMPLE = 1 << 20
+
+
+def _label_values(array: np.ndarray) -> Optional[np.ndarray]:
+    """The values of ``array`` if it looks like a label map (at most ``LABEL_MAP_MAX_VALUES``
+    distinct non-negative integers, at least two), else None. A strided sample decides cheaply
+    for ordinary images, which have hundreds of values; the whole volume confirms."""
+    if array.dtype.kind not in "biuf" or array.size < 2:
+        return None
+    step = max(1, array.size // LABEL_MAP_SAMPLE)
+    for data in (array.reshape(-1)[::step], array):
+        values = np.unique(data)
+        if len(values) > LABEL_MAP_MAX_VALUES:
+            return None
+    if len(values) < 2 or values.min() < 0 or not np.all(np.mod(values, 1) == 0) or values.max() > 255:
+        return None
+    return values
+
+
+def input_warnings(volume1: Volume, volume2: Volume, names: Tuple[str, str] = ("input1", "input2"),
+                   same_file: bool = False) -> List[str]:
+    """Likely mistakes that still fuse correctly, each worded with what was detected and what to
+    do about it: a label map or a constant image as an input, the same image twice."""
+    warnings: List[str] = []
+    if same_file or (volume1.shape == volume2.shape and volume1.array.dtype == volume2.array.dtype
+                     and np.array_equal(volume1.array, volume2.array, equal_nan=volume1.array.dtype.kind == "f")):
+        what = "are the same file" if same_file else "hold identical images"
+        warnings.append(f"warning: {names[0]} and {names[1]} {what}: the fusion of an image with itself shows "
+                        "nothing new; give the second modality as input 2 (fused anyway)")
+    for name, volume in zip(names, (volume1, volume2)):
+        array = volume.array
+        finite = array[np.isfinite(array)] if array.dtype.kind == "f" else array
+        if finite.size and finite.min() == finite.max():
+            warnings.append(f"warning: {name} is constant (every voxel {float(finite.min()):g}): it carries no "
+                            "image information, the fused image is the other input alone; check the file "
+                            "(fused anyway)")
+            continue
+        values = _label_values(array)
+        if values is not None:
+            shown = ", ".join(f"{v:g}" for v in values.astype(np.float64))
+            warnings.append(f"warning: {name} looks like a label map or mask ({len(values)} distinct integer values: "
+                            f"{shown}), not an intensity image; a segmentation given by mistake? (fused anyway, "
+                            "its labels as intensities)")
+    return warnings
+
+
+def check_geometry_carried(paths: Sequence[PathLike], volumes: Sequence[Volume]) -> None:
+    """Refuse two inputs of different sizes when a file format holds no geometry (PNG, JPEG...):
+    resampling one onto the other would place pixels by a guess."""
+    names = [Path(p).name.lower() for p in paths]
+    if volumes[0].shape != volumes[1].shape and any(n.endswith(GEOMETRYLESS_SUFFIXES) for n in names):
+        size = [" x ".join(str(n) for n in (v.shape[1:] if v.is_2d else v.shape)) for v in volumes]
+        raise VolumeError(f"{paths[0]} ({size[0]}) and {paths[1]} ({size[1]}) differ in size, and "
+                          "PNG/JPEG/BMP/TIFF files carry no position or spacing, so one cannot "
+                          "be resampled onto the other; resize them to the same size first, or use images with "
+                          "geometry (.nrrd, .nii.gz)")
+
+
 def prepare_inputs(volume1: Volume, volume2: Volume, log: Log = print) -> Tuple[Volume, List[str]]:
     """Input 2 on input 1's grid (resampled linearly if needed) and the notes saying so."""
     notes = list(volume1.notes) + list(volume2.notes)
@@ -111,14 +174,20 @@ class NormalizedPair:
 
 
 def normalize_pair(volume1: Volume, volume2: Volume, *, axis: int = 0, normalization: str = "volume",
-                   log: Log = print, input_names: Tuple[str, str] = ("input1", "input2")) -> NormalizedPair:
+                   log: Log = print, input_names: Tuple[str, str] = ("input1", "input2"),
+                   same_file: bool = False) -> NormalizedPair:
     """Input 2 onto input 1's grid, both normalized: everything fusion needs from the inputs.
 
     Once this returns, the source voxels are no longer needed: a caller that does not keep the
-    volumes (``fuse_files``) frees two volumes of memory before the network runs.
+    volumes (``fuse_files``) frees two volumes of memory before the network runs. Likely mistakes
+    (:func:`input_warnings`) are logged and kept in the notes.
     """
     _check_axis(axis)
+    warnings = input_warnings(volume1, volume2, input_names, same_file=same_file)
     volume2, notes = prepare_inputs(volume1, volume2, log)
+    for warning in warnings:
+        notes.append(warning)
+        log(warning)
     for name, volume in zip(input_names, (volume1, volume2)):
         if volume.array.dtype.kind == "f" and not np.isfinite(volume.array).any():
             raise VolumeError(f"{name}: every voxel is NaN or infinite; there is no image to fuse")
@@ -392,6 +461,33 @@ def read_record(fused_path: PathLike, volume: Optional[Volume] = None) -> Option
     return record
 
 
+def has_fusion_record(path: PathLike) -> bool:
+    """Whether ``path`` is a fused image written by ``fuse``: a record sidecar next to it or the
+    record in its header (read without the voxels). Never raises."""
+    path = Path(path)
+    try:
+        if record_sidecar(path).is_file():
+            return True
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        return reader.HasMetaDataKey(RECORD_KEY)
+    except (RuntimeError, OSError, ValueError):
+        return False
+
+
+def check_metrics_order(input1: PathLike, input2: PathLike, fused: PathLike) -> None:
+    """``metrics IN1 IN2 FUSED`` with the fused image given as an input (and an input as FUSED)
+    scores the wrong images: refused, with the way to score them as given."""
+    if has_fusion_record(fused):
+        return
+    for position, path in (("INPUT1", input1), ("INPUT2", input2)):
+        if has_fusion_record(path):
+            raise UsageError(f"{path} is a fused image (it has a fusion record) but is given as {position}, and "
+                             f"{fused} (given as FUSED) is not; the order is INPUT1 INPUT2 FUSED (pass --as-given to "
+                             "score them in this order anyway)")
+
+
 def check_record_fits(record: Dict[str, Any], volume: Volume, name: str) -> None:
     """A per-slice record must have one entry per slice of the fused volume."""
     axis = int(record.get("axis", 0))
@@ -526,7 +622,17 @@ def _resolved(path: Path) -> Path:
         return Path(os.path.abspath(path))
 
 
+def check_output_names(outputs: Sequence[Optional[PathLike]]) -> None:
+    """An empty output name ('' or a path ending in a folder) is refused in words, before
+    pathlib says "PosixPath('.') has an empty name"."""
+    for out in outputs:
+        if out is not None and (str(out).strip() == "" or Path(out).name in ("", ".", "..")):
+            raise ValueError(f"{str(out) or chr(39) * 2}: output file name is empty; give a file name such as "
+                             "fused.nrrd")
+
+
 def check_outputs(inputs: List[Path], outputs: List[Optional[PathLike]]) -> None:
+    check_output_names(outputs)
     chosen = [Path(o) for o in outputs if o is not None]
     resolved_inputs = {_resolved(p) for p in inputs}
     for out in chosen:
@@ -570,6 +676,7 @@ def fuse_files(input1: PathLike, input2: PathLike, output: PathLike, latent: Opt
                model: Optional[PathLike] = None, **options: Any) -> FusionOutput:
     """Read, fuse and write; nothing is written if anything fails or is cancelled."""
     inputs = [Path(input1), Path(input2)]
+    check_output_names([output, latent])
     check_outputs(inputs, [output, latent, record_sidecar(output)])
     check_latent_format(latent)
     loaded = model if isinstance(model, LoadedModel) else resolve_model(model)
@@ -578,9 +685,12 @@ def fuse_files(input1: PathLike, input2: PathLike, output: PathLike, latent: Opt
     _check_axis(options.get("axis", 0))
     # The volumes read here are referenced by nothing once normalize_pair returns: only the
     # normalized copies stay in memory while the network runs (see docs/robustness.md, memory).
-    pair = normalize_pair(read_volume(inputs[0]), read_volume(inputs[1]), axis=options.get("axis", 0),
+    volume1, volume2 = read_volume(inputs[0]), read_volume(inputs[1])
+    check_geometry_carried(inputs, (volume1, volume2))
+    pair = normalize_pair(volume1, volume2, axis=options.get("axis", 0),
                           normalization=options.get("normalization", "volume"), log=options.get("log", print),
-                          input_names=names)
+                          input_names=names, same_file=_same_file(inputs[0], inputs[1]))
+    del volume1, volume2
     check_output_slices(output, pair.geometry)
     result = fuse_normalized(pair, loaded, keep_latent=latent is not None, input_names=names, **network_options)
     del pair
