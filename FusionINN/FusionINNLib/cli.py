@@ -107,13 +107,13 @@ def _add_fuse(sub) -> None:
 
 
 def _run_fuse(args, reporter: Reporter) -> int:
-    from .pipeline import fuse_files
+    from .jobs import FuseRequest, run_fuse
 
+    request = FuseRequest(args.input1, args.input2, output=args.output, latent_output=args.latent, model=args.model,
+                          device=args.device, batch_size=args.batch_size, axis=args.axis,
+                          normalization=args.normalization, amp=args.amp)
     with reporter.progress("fuse") as progress:
-        result = fuse_files(args.input1, args.input2, args.output, latent=args.latent, model=args.model,
-                            device=args.device, batch_size=args.batch_size, axis=args.axis,
-                            normalization=args.normalization, amp=args.amp, progress=progress,
-                            log=reporter.log)
+        result = run_fuse(request, progress=progress, log=reporter.log)
     reporter.log(f"wrote {args.output}" + (f" and {args.latent}" if args.latent else "")
                  + f" (model: {result.record['model']['path']}, device: {result.record['device']})")
     return 0
@@ -147,14 +147,15 @@ def _add_decompose(sub) -> None:
 
 
 def _run_decompose(args, reporter: Reporter) -> int:
-    from .pipeline import decompose_files
+    from .jobs import DecomposeRequest, run_decompose
 
+    request = DecomposeRequest(args.fused, latent=args.latent, output1=args.output1, output2=args.output2,
+                               std1=args.std1, std2=args.std2, samples=args.samples, seed=args.seed,
+                               temperature=args.temperature, prior=args.prior, model=args.model, device=args.device,
+                               batch_size=args.batch_size, allow_model_mismatch=args.ignore_model_mismatch,
+                               float_output=bool(getattr(args, "float_output", False)))
     with reporter.progress("decompose") as progress:
-        decompose_files(args.fused, args.output1, args.output2, latent=args.latent, std1=args.std1,
-                        std2=args.std2, model=args.model, samples=args.samples, seed=args.seed,
-                        temperature=args.temperature, prior=args.prior, device=args.device,
-                        batch_size=args.batch_size, progress=progress, log=reporter.log,
-                        allow_model_mismatch=args.ignore_model_mismatch)
+        run_decompose(request, progress=progress, log=reporter.log)
     reporter.log(f"wrote {args.output1} and {args.output2}" + (f", {args.std1}, {args.std2}" if args.std1 else ""))
     return 0
 
@@ -192,17 +193,18 @@ def _add_batch(sub) -> None:
 
 
 def _run_batch(args, reporter: Reporter) -> int:
-    from .batch import run_batch
+    from .jobs import BatchRequest, run_batch
 
-    with reporter.progress("batch") as progress:
-        result = run_batch(args.directory, args.output, modalities=args.modalities, pattern1=args.pattern1,
+    request = BatchRequest(args.directory, args.output, modalities=tuple(args.modalities), pattern1=args.pattern1,
                            pattern2=args.pattern2, keep_latent=args.latent, metrics=args.metrics,
                            paper_compatible=args.paper_compatible, model=args.model, device=args.device,
                            batch_size=args.batch_size, axis=args.axis, normalization=args.normalization,
-                           output_format=args.output_format, progress=progress, log=reporter.log)
-    reporter.log(result.describe())
-    if result.succeeded == 0:
-        print(f"fusioninn batch: error: no case was fused ({result.describe()})", file=sys.stderr)
+                           output_format=args.output_format)
+    with reporter.progress("batch") as progress:
+        report = run_batch(request, progress=progress, log=reporter.log)
+    reporter.log(report.description)
+    if report.succeeded == 0:
+        print(f"fusioninn batch: error: no case was fused ({report.description})", file=sys.stderr)
         return 1
     return 0
 
@@ -212,14 +214,16 @@ def _add_metrics(sub) -> None:
     p = sub.add_parser("metrics", help="score a fusion: the paper's five metrics plus MMIF-AMIN's set",
                        description="Score FUSED against INPUT1 and INPUT2: Q_SSIM, Q_FMI, Q_NCIE, Q_XY, Q_P (the "
                                    "FusionINN paper's five) and EN, AG, SD, SF, MI, NMI, PSNR, VIFF, QABF. 3-D volumes "
-                                   "are scored per slice along axis 0 and averaged over slices with foreground. "
+                                   "are scored per slice along the fusion's slice axis (from FUSED's record; axis 0 "
+                                   "without one) and averaged over slices with foreground. "
                                    "Intensity scale: 8-bit images on 0..255 (data range 255), anything else min-max "
                                    "normalised to [0, 1] (data range 1) unless --data-range is given. See "
                                    "docs/metrics.md for the definitions and the two modes.")
     p.add_argument("input1", help="source image 1")
     p.add_argument("input2", help="source image 2 (resampled onto input 1's grid if its geometry differs)")
     p.add_argument("fused", help="fused image (on input 1's grid)")
-    p.add_argument("--mask", metavar="M", help="score only voxels where this image is non-zero")
+    p.add_argument("--mask", metavar="M", help="score only voxels where this image is non-zero (resampled, nearest "
+                                               "neighbour, onto input 1's grid if its geometry differs)")
     p.add_argument("--paper-compatible", action="store_true",
                    help="reproduce the authors' MATLAB numbers (centre-patch Q_XY/Q_P, side-by-side RGB Q_FMI, "
                         "8-bit quantisation) instead of the intended full-image definitions")
@@ -234,28 +238,11 @@ def _run_metrics(args, reporter: Reporter) -> int:
 
     import numpy as np
 
-    from .metrics import fusion_metrics
-    from .pipeline import prepare_inputs
-    from .volume import VolumeError, read_volume
+    from .jobs import ScoreRequest, run_score
 
-    volume1, volume2, fused = read_volume(args.input1), read_volume(args.input2), read_volume(args.fused)
-    for path, volume in ((args.input1, volume1), (args.input2, volume2), (args.fused, fused)):
-        if volume.array.dtype.kind == "f" and not np.isfinite(volume.array).all():
-            raise VolumeError(f"{path}: contains NaN or infinite voxels; the metrics need finite images")
-    volume2, notes = prepare_inputs(volume1, volume2, log=reporter.log)
-    if fused.shape != volume1.shape:
-        raise VolumeError(f"{args.fused}: shape {fused.shape} differs from input 1's {volume1.shape}")
-    mask = None
-    if args.mask:
-        mask_volume = read_volume(args.mask)
-        if mask_volume.shape != volume1.shape:
-            raise VolumeError(f"{args.mask}: mask shape {mask_volume.shape} differs from input 1's {volume1.shape}")
-        mask = mask_volume.array > 0
-    squeeze = (lambda a: a[0]) if volume1.is_2d else (lambda a: a)
-    result = fusion_metrics(squeeze(volume1.array), squeeze(volume2.array), squeeze(fused.array),
-                            mask=None if mask is None else squeeze(mask), paper_compatible=args.paper_compatible,
-                            data_range=args.data_range)
-    result["notes"] = notes + list(result.get("notes", []))
+    report = run_score(ScoreRequest(args.input1, args.input2, args.fused, mask=args.mask,
+                                    paper_compatible=args.paper_compatible, data_range=args.data_range))
+    result = report.fusion
     if args.json:
         def clean(value):  # JSON has no NaN/Infinity: write null
             if isinstance(value, dict):
@@ -390,19 +377,20 @@ def _add_explain(sub) -> None:
 
 
 def _run_explain(args, reporter: Reporter) -> int:
-    from .explain import explain_files
+    from .jobs import ExplainRequest, run_explain
 
+    request = ExplainRequest(args.input1, args.input2, guidance1=args.guidance1, guidance2=args.guidance2, rgb=args.rgb,
+                             point_ijk=args.point, jacobian1=args.jacobian1, jacobian2=args.jacobian2,
+                             scatter=args.scatter, scatter_radius=args.scatter_radius, slices=args.slices,
+                             model=args.model, axis=args.axis, normalization=args.normalization, spacing=args.spacing,
+                             approximate=args.approximate, gamma=args.gamma, device=args.device)
     with reporter.progress("explain") as progress:
-        result = explain_files(args.input1, args.input2, args.guidance1, args.guidance2, rgb=args.rgb,
-                               point_ijk=args.point, jacobian1=args.jacobian1, jacobian2=args.jacobian2,
-                               scatter=args.scatter, slices=args.slices, model=args.model, axis=args.axis,
-                               normalization=args.normalization, spacing=args.spacing,
-                               approximate=args.approximate, gamma=args.gamma, scatter_radius=args.scatter_radius,
-                               device=args.device, progress=progress, log=reporter.log)
-    output = result.output
-    kind = "exact" if output.exact else "approximate"
-    reporter.log(f"{kind} guidance (lattice spacing {output.spacing}, receptive radius {output.receptive_radius}) "
-                 f"of slices {output.slices[0]}:{output.slices[1]}; wrote {', '.join(result.written)}")
+        result = run_explain(request, progress=progress, log=reporter.log)
+    described = result.description
+    kind = "exact" if described["exact"] else "approximate"
+    reporter.log(f"{kind} guidance (lattice spacing {described['spacing']}, receptive radius "
+                 f"{described['receptive_radius']}) of slices {described['slices'][0]}:{described['slices'][1]}; "
+                 f"wrote {', '.join(result.written)}")
     return 0
 
 

@@ -9,15 +9,12 @@ library functions as the command line and the Slicer module.
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import numpy as np
 
-from .checkpoint import resolve_model
-from .pipeline import decompose_files, fuse_files
 from .volume import OutputSet, read_volume
 
 DEMO_SHAPE = (64, 128, 128)
@@ -71,12 +68,13 @@ def _montage(path: Path, rows: Dict[str, Dict[str, np.ndarray]], fused: np.ndarr
 def run_demo(output_dir: str = "demo_output", model: Optional[str] = None, device: str = "auto",
              seed: int = 0, log: Callable[[str], None] = print,
              progress: Optional[Callable[[float], None]] = None) -> DemoResult:
-    from .metrics import MetricWarning, decomposition_metrics, fusion_metrics
+    from . import jobs
     from .phantom import write_phantom_cases
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    loaded = resolve_model(model)
+    models = jobs.ModelCache()
+    loaded = models.get(model)
     if loaded.origin == "random":
         log("WARNING: no bundled model found; the demo uses an UNTRAINED random model")
     log(f"model: {loaded.source} ({loaded.origin})")
@@ -94,34 +92,35 @@ def run_demo(output_dir: str = "demo_output", model: Optional[str] = None, devic
     def quiet(message: str) -> None:
         pass  # the demo prints its own summary
 
-    fuse_files(t1_path, flair_path, out / "fused.nrrd", latent=out / "latent.nrrd", model=model_arg,
-               device=device, progress=stage(0.0, 0.3), log=quiet)
-    exact = decompose_files(out / "fused.nrrd", out / "decomposed_exact_t1ce.nrrd",
-                            out / "decomposed_exact_flair.nrrd", latent=out / "latent.nrrd", model=model_arg,
-                            device=device, progress=stage(0.3, 0.2), log=quiet)
-    sampled = decompose_files(out / "fused.nrrd", out / "decomposed_t1ce.nrrd", out / "decomposed_flair.nrrd",
-                              std1=out / "uncertainty_t1ce.nrrd", std2=out / "uncertainty_flair.nrrd",
-                              samples=DEMO_SAMPLES, seed=seed, model=model_arg, device=device,
-                              progress=stage(0.5, 0.45), log=quiet)
+    jobs.run_fuse(jobs.FuseRequest(str(t1_path), str(flair_path), output=str(out / "fused.nrrd"),
+                                   latent_output=str(out / "latent.nrrd"), model=model_arg, device=device),
+                  progress=stage(0.0, 0.3), log=quiet, models=models)
+    exact = jobs.run_decompose(jobs.DecomposeRequest(str(out / "fused.nrrd"), latent=str(out / "latent.nrrd"),
+                                                     output1=str(out / "decomposed_exact_t1ce.nrrd"),
+                                                     output2=str(out / "decomposed_exact_flair.nrrd"),
+                                                     model=model_arg, device=device),
+                               progress=stage(0.3, 0.2), log=quiet, models=models)
+    sampled = jobs.run_decompose(jobs.DecomposeRequest(str(out / "fused.nrrd"),
+                                                       output1=str(out / "decomposed_t1ce.nrrd"),
+                                                       output2=str(out / "decomposed_flair.nrrd"),
+                                                       std1=str(out / "uncertainty_t1ce.nrrd"),
+                                                       std2=str(out / "uncertainty_flair.nrrd"), samples=DEMO_SAMPLES,
+                                                       seed=seed, model=model_arg, device=device),
+                                 progress=stage(0.5, 0.45), log=quiet, models=models)
     t1, flair = read_volume(t1_path).array, read_volume(flair_path).array
     fused = read_volume(out / "fused.nrrd").array
-
-    def scored(source: np.ndarray, decomposed: np.ndarray) -> Dict[str, float]:
-        # One scale for both images (the source's range), so gain/offset errors are not normalised away.
-        low, span = float(source.min()), float(np.ptp(source)) or 1.0
-        with warnings.catch_warnings():
-            # Sampled estimates overshoot the source's range a little; SSIM, PSNR and MAE (all the
-            # demo reports) use the values as they are, so the histogram-clipping notice is noise here.
-            warnings.simplefilter("ignore", MetricWarning)
-            return decomposition_metrics((source - low) / span, (decomposed - low) / span,
-                                         data_range=1.0)["summary"]
-
+    # The one scorer (FusionINNLib.scoring): decompositions on their source's scale, so gain and
+    # offset errors are not normalised away.
+    report = jobs.run_score(jobs.ScoreRequest(str(t1_path), str(flair_path), str(out / "fused.nrrd"),
+                                              decomposed1=exact.source1, decomposed2=exact.source2))
+    sampled_report = jobs.run_score(jobs.ScoreRequest(str(t1_path), str(flair_path), str(out / "fused.nrrd"),
+                                                      decomposed1=sampled.source1, decomposed2=sampled.source2))
     metrics = {
-        "fusion": fusion_metrics(t1, flair, fused)["summary"],
-        "decomposition_exact_t1ce": scored(t1, exact.source1.array),
-        "decomposition_exact_flair": scored(flair, exact.source2.array),
-        f"decomposition_sampled{DEMO_SAMPLES}_t1ce": scored(t1, sampled.source1.array),
-        f"decomposition_sampled{DEMO_SAMPLES}_flair": scored(flair, sampled.source2.array),
+        "fusion": report.summary,
+        "decomposition_exact_t1ce": report.decomposition["1"],
+        "decomposition_exact_flair": report.decomposition["2"],
+        f"decomposition_sampled{DEMO_SAMPLES}_t1ce": sampled_report.decomposition["1"],
+        f"decomposition_sampled{DEMO_SAMPLES}_flair": sampled_report.decomposition["2"],
     }
     metrics_path = out / "metrics.json"
     with OutputSet() as outputs:
