@@ -19,8 +19,9 @@ The summary
     ``failed``, ``skipped`` or ``cancelled``), ``message``, input/output paths and one column per
     metric. A failing case is recorded and the batch goes on.
 
-:func:`score_volumes` and :func:`baseline_fusions` are the triple-level helpers the Slicer module's
-Score section uses as well, so the GUI and the command line score a fusion identically.
+:func:`score_volumes` (= :func:`FusionINNLib.scoring.score_fusion`, the one scorer) and
+:func:`baseline_fusions` are the triple-level helpers the score job (:mod:`FusionINNLib.jobs`) uses
+as well, so the GUI and the command line score a fusion identically.
 """
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ import logging
 import math
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -213,39 +213,12 @@ def align_to_reference(reference: Volume, moving: Volume) -> Tuple[Volume, List[
 
 def score_volumes(volume1: Volume, volume2: Volume, fused: Volume, *, mask: Optional[Volume] = None,
                   paper_compatible: bool = False, data_range: Optional[float] = None, axis: int = 0) -> dict:
-    """The metric suite of one triple, everything on input 1's grid.
+    """The metric suite of one triple: :func:`FusionINNLib.scoring.score_fusion`, the one scorer
+    (input 2 and the mask onto input 1's grid, the fused image on it; see that module's policy)."""
+    from .scoring import score_fusion
 
-    Input 2, the fused volume and the mask are resampled onto input 1 when their geometry differs
-    (nearest neighbour for the mask, which is then "voxel ≠ 0"). Returns
-    :func:`FusionINNLib.metrics.fusion_metrics`'s dict with the resampling noted in ``notes``.
-    """
-    from .metrics import MetricWarning, fusion_metrics
-
-    notes: List[str] = []
-    aligned2, extra = align_to_reference(volume1, volume2)
-    notes += [f"input 2 {n}" for n in extra]
-    aligned_fused, extra = align_to_reference(volume1, fused)
-    notes += [f"fused volume {n}" for n in extra]
-    mask_array = None
-    if mask is not None:
-        if volume1.same_grid(mask):
-            mask_array = np.asarray(mask.array) != 0
-        else:
-            import SimpleITK as sitk
-
-            nearest = resample_like(mask.with_array(mask.array.astype(np.float32)), volume1,
-                                    interpolator=sitk.sitkNearestNeighbor)
-            mask_array = nearest.array != 0
-            notes.append("mask resampled (nearest neighbour) onto the first input's grid")
-        if not mask_array.any():
-            raise ValueError("the mask is empty on the first input's grid (no non-zero voxel)")
-    with warnings.catch_warnings():
-        # Everything a warning would say is also in result["notes"], which callers show or record.
-        warnings.simplefilter("ignore", MetricWarning)
-        result = fusion_metrics(np.asarray(volume1.array), aligned2.array, aligned_fused.array, mask=mask_array,
-                                paper_compatible=paper_compatible, data_range=data_range, axis=axis)
-    result["notes"] = notes + list(result.get("notes", []))
-    return result
+    return score_fusion(volume1, volume2, fused, mask=mask, paper_compatible=paper_compatible,
+                        data_range=data_range, axis=axis)
 
 
 def baseline_fusions(volume1: Volume, volume2: Volume, methods: Sequence[str] = BASELINE_METHODS,
@@ -401,7 +374,9 @@ def run_batch(root: PathLike, output_dir: PathLike, *, modalities: Sequence[str]
                     scores = score_volumes(volume1, volume2, result.fused, paper_compatible=paper_compatible,
                                            axis=axis)
                     outcome.metrics = dict(scores["summary"])
-                    notes += [f"metrics: {note}" for note in scores["notes"][1:]]
+                    # the fusion has noted the resampling already; the slice count is the same every case
+                    notes += [f"metrics: {note}" for note in scores["notes"]
+                              if not note.startswith(("averaged over", "input 2 resampled"))]
                     metric_names += [n for n in outcome.metrics if n not in metric_names]
                 except Exception as error:  # noqa: BLE001 - the fused output is fine; report the metrics
                     notes.append(f"metrics failed: {' '.join(str(error).split())}")
