@@ -1,22 +1,21 @@
 """FusionINN: decomposable multimodal MRI fusion with an invertible flow, as a 3D Slicer module.
 
-This file is the thin Slicer layer: module metadata, the parameter node, the widget and a logic
-that converts MRML volume nodes to and from :class:`FusionINNLib.volume.Volume` and calls the
-public functions of ``FusionINNLib`` (the same ones the ``fusioninn`` command line uses). It
-holds no image math; geometry conversion, naming, provenance and table layout are plain functions
-in :mod:`FusionINNLib.slicer_support`, tested without Slicer.
+This file is the thin Slicer layer: module metadata, the parameter node, the widget, the self-tests
+and a logic class that adds Slicer's module-logic base to :class:`FusionINNSlicerLib.FusionINNCoreLogic`
+(MRML ⇄ :class:`FusionINNLib.volume.Volume`, worker jobs, output nodes; Qt-free, tested on real MRML).
+
+Every heavy job (fuse, decompose, score, explain, Jacobian, difference maps, batch) runs in the
+FusionINN **worker**, a separate process running the same ``FusionINNLib`` code as the
+``fusioninn`` command line (:mod:`FusionINNLib.worker`). Slicer's process only converts nodes to
+temporary ``.npy`` files and back and polls the worker's pipe from a ``QTimer``: it stays
+responsive, loads no torch and changes no process-wide state (see docs/slicer.md).
 
 Reference: N. Kumar, P. Gumhold et al., "FusionINN: Decomposable Image Fusion for Brain Tumor
 Monitoring", arXiv:2403.15769 (2024).
 """
-import contextlib
-import importlib
-import importlib.util
 import logging
 import os
 import pathlib
-import sys
-import traceback
 from typing import Annotated
 
 import ctk  # noqa: F401 - makes the ctk widget classes known to the .ui loader and the GUI connectors
@@ -36,16 +35,11 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from FusionINNLib import slicer_support as support
+from FusionINNSlicerLib.logic import PHANTOM_SAMPLE_NAME, SAMPLE_FILES, FusionINNCoreLogic, phantomSampleURIs
 
-PHANTOM_SAMPLE_NAME = "FusionINNPhantom"
 TRAINING_MODULE_NAME = "FusionINNTraining"
 POLL_INTERVAL_MS = 100
-VTK_ARRAY_CLASSES = {
-    "string": vtk.vtkStringArray,
-    "double": vtk.vtkDoubleArray,
-    "int": vtk.vtkIntArray,
-    "bit": vtk.vtkBitArray,
-}
+LIVE_POLL_INTERVAL_MS = 15  # while the Jacobian follows the crosshair
 
 
 #
@@ -76,10 +70,14 @@ This extension is an independent implementation by the SlicerFusionINN contribut
 released under the MIT license. It uses PyTorch (through the PyTorch extension) and FrEIA.
 """)
         slicer.app.connect("startupCompleted()", registerSampleData)
+        slicer.app.connect("startupCompleted()", connectFileHooks)
 
 
 def registerSampleData():
-    """A phantom BraTS-style case (T1-Gd, FLAIR, tumour labels) generated locally: nothing is downloaded."""
+    """The phantom (T1-Gd, FLAIR, tumour labels) ships with the module as files: the Sample Data module
+    copies them from their ``file://`` URIs into its cache and loads them. No torch, no network, and
+    ``SampleData.downloadSample("FusionINNPhantom")`` works too (Slicer's ``downloadFromSource``
+    ignores a custom downloader, so the sample must not depend on one)."""
     import SampleData
 
     iconsPath = os.path.join(os.path.dirname(__file__), "Resources", "Icons")
@@ -87,23 +85,21 @@ def registerSampleData():
         category="FusionINN",
         sampleName=PHANTOM_SAMPLE_NAME,
         thumbnailFileName=os.path.join(iconsPath, "FusionINN.png"),
-        # A single placeholder entry: the custom "downloader" generates the data, no URL is fetched.
-        uris="generated-locally://FusionINN/phantom",
-        fileNames=PHANTOM_SAMPLE_NAME,
-        nodeNames=PHANTOM_SAMPLE_NAME,
-        customDownloader=_generatePhantomSample,
+        uris=phantomSampleURIs(),
+        fileNames=[fileName for fileName, _nodeName, _className in SAMPLE_FILES],
+        nodeNames=[nodeName for _fileName, nodeName, _className in SAMPLE_FILES],
+        loadFileTypes=["VolumeFile"] * len(SAMPLE_FILES),
     )
 
 
-def _generatePhantomSample(source=None):
-    with slicer.util.tryWithErrorDisplay(_("Failed to generate the FusionINN phantom."), waitCursor=True):
-        logic = FusionINNLogic()
-        if not logic.ensureDependencies():
-            return []
-        nodes = logic.loadPhantomSample()
-        slicer.util.setSliceViewerLayers(background=nodes[0], fit=True)
-        return list(nodes)
-    return []
+def connectFileHooks():
+    """Keep the fusion record with fused files: write its sidecar when a fused volume is saved, adopt
+    the record of a fused file when it is loaded (qSlicerCoreIOManager's fileSaved/newFileLoaded)."""
+    ioManager = slicer.app.coreIOManager()
+    logic = FusionINNLogic()
+    ioManager.fileSaved.connect(logic.onFileSaved)
+    ioManager.newFileLoaded.connect(logic.onNewFileLoaded)
+    slicer.modules.FusionINNFileHooksLogic = logic  # keep the handlers alive
 
 
 #
@@ -184,6 +180,8 @@ class FusionINNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._jobFinish = None
         self._jobTimer = None
         self._overlayActive = False
+        self._liveJacobian = False
+        self._jacobianPending = False
 
     # -- setup and parameter node ------------------------------------------------------------
     def setup(self):
@@ -222,28 +220,28 @@ class FusionINNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self):
+        self._stopLiveJacobian()
         if self._job is not None:
             self._job.cancel()
         if self._jobTimer is not None:
             self._jobTimer.stop()
         self.removeObservers()
+        if self.logic is not None:
+            self.logic.shutdownWorker()
 
     def enter(self):
         self.initializeParameterNode()
-        self._refreshDeviceInfo()
-
-    def _refreshDeviceInfo(self):
-        """Show the devices once torch is loaded anyway (importing it just for this takes seconds)."""
-        if "torch" in sys.modules:
-            self.ui.deviceInfoLabel.text = _("Devices found: {devices}").format(devices=self.logic.describeDevices())
+        # Start the worker now (torch loads while the user picks volumes); only once torch exists.
+        if self.logic.isModuleAvailable("torch") and not support.torch_too_old(support.installed_version("torch")):
+            with slicer.util.tryWithErrorDisplay(_("The FusionINN worker could not start.")):
+                self.logic.startWorker()
 
     def exit(self):
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiState)
+        self._stopLiveJacobian()
+        self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event):
+        self._stopLiveJacobian()
         if self._job is not None:
             # The job's inputs belong to the scene being closed: stop it and drop whatever it returns.
             self._job.cancel()
@@ -261,13 +259,22 @@ class FusionINNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if first is not None and first.GetClassName() == "vtkMRMLScalarVolumeNode":
                 self._parameterNode.inputVolume1 = first
 
+    def _connectGui(self, parameterNode):
+        """``connectParametersToGui`` with the widgets ``connectGui`` would find: it returns the tag on
+        Slicer 5.8 too (5.8's ``connectGui`` returns None, so ``disconnectGui`` could not undo it
+        and every module entry would add another set of connections)."""
+        mapping = support.gui_parameter_mapping(self.ui.__dict__, lambda widget, name: widget.property(name))
+        return parameterNode.connectParametersToGui(mapping)
+
     def setParameterNode(self, inputParameterNode):
         if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            if self._parameterNodeGuiTag is not None:
+                self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiState)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self._parameterNodeGuiTag = self._connectGui(self._parameterNode)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiState)
             self.updateGuiState()
 
@@ -276,10 +283,10 @@ class FusionINNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:
             return
-        idle = self._job is None
+        idle = self._job is None or self._liveJacobian
         haveInputs = p.inputVolume1 is not None and p.inputVolume2 is not None
         haveTriple = haveInputs and p.fusedVolume is not None
-        modelReady = p.modelSource == "bundled" or str(p.modelPath) not in ("", ".")
+        modelReady = p.modelSource == "bundled" or not support.unset_path(p.modelPath)
         self.ui.fuseButton.enabled = idle and haveInputs and modelReady
         self.ui.fuseButton.toolTip = (_("Fuse input 1 and input 2 into a new volume") if haveInputs and modelReady
                                       else _("Select both input volumes (and a model file when Model is 'file')"))
@@ -305,20 +312,20 @@ class FusionINNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.scoreBaselinesButton.enabled = idle and haveTriple
 
         self.ui.explainButton.enabled = idle and haveInputs
-        self.ui.jacobianButton.enabled = idle and haveInputs
+        self.ui.jacobianButton.enabled = (idle or self._liveJacobian) and haveInputs
         self.ui.compareLayoutButton.enabled = haveTriple
         self.ui.overlayButton.enabled = p.fusedVolume is not None and p.overlayVolume is not None
         self.ui.differenceMapsButton.enabled = idle and haveInputs and (
             p.decomposedVolume1 is not None or p.decomposedVolume2 is not None)
         inputDirectory = str(p.batchInputDirectory)
-        self.ui.batchButton.enabled = idle and modelReady and inputDirectory not in ("", ".") and os.path.isdir(
-            inputDirectory) and str(p.batchOutputDirectory) not in ("", ".")
-        self.ui.cancelButton.enabled = not idle
+        self.ui.batchButton.enabled = idle and modelReady and not support.unset_path(inputDirectory) and \
+            os.path.isdir(inputDirectory) and not support.unset_path(p.batchOutputDirectory)
+        self.ui.cancelButton.enabled = self._job is not None and not self._liveJacobian
 
     def _modelDescription(self, p):
         if p.modelSource == "file":
             path = str(p.modelPath)
-            if path in ("", "."):
+            if support.unset_path(path):
                 return _("Choose a checkpoint file (.pt).")
             return _("Model file: {path}").format(path=path) if os.path.isfile(path) else _(
                 "Model file not found: {path}").format(path=path)
@@ -327,18 +334,18 @@ class FusionINNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return _("Bundled model: {name}").format(name=os.path.basename(bundled))
         return _("Bundled model not installed: an UNTRAINED model will be used (results are not meaningful).")
 
-    # -- background jobs ---------------------------------------------------------------------
-    def _startJob(self, title, work, finish):
-        """Run ``work(progress, isCancelled, log)`` on a worker thread; ``finish(result)`` runs here after."""
-        if self._job is not None:
-            raise RuntimeError(_("Another FusionINN job is running; wait for it or cancel it."))
+    # -- jobs in the worker ------------------------------------------------------------------
+    def _startJob(self, title, job, finish, interval=POLL_INTERVAL_MS):
+        """Poll ``job`` (a worker job) from a QTimer; ``finish(result)`` runs here once it is done."""
         self._jobTitle = title
         self._jobFinish = finish
-        self._job = support.BackgroundJob(work, title).start()
+        self._job = job
         self.ui.progressBar.value = 0
-        self.ui.progressBar.setVisible(True)
-        self.ui.statusLabel.text = _("{title}: running...").format(title=title)
-        self.ui.notesLabel.text = ""
+        self.ui.progressBar.setVisible(not self._liveJacobian)
+        if not self._liveJacobian:
+            self.ui.statusLabel.text = _("{title}: running...").format(title=title)
+            self.ui.notesLabel.text = ""
+        self._jobTimer.setInterval(interval)
         self._jobTimer.start()
         self.updateGuiState()
 
@@ -347,7 +354,7 @@ class FusionINNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job is None:
             self._jobTimer.stop()
             return
-        status = job.poll()
+        status = job.poll()  # reads the worker's pipe without blocking
         self.ui.progressBar.value = int(round(100 * status.fraction))
         for message in status.messages:
             logging.info(f"FusionINN: {message}")
@@ -363,38 +370,50 @@ class FusionINNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if status.cancelled:
                 self.ui.statusLabel.text = _("{title} cancelled; nothing was added to the scene.").format(title=title)
             elif status.error is not None:
-                self.ui.statusLabel.text = _("{title} failed: {message}").format(
-                    title=title, message=support.first_line(status.error))
-                detail = "".join(traceback.format_exception(type(status.error), status.error,
-                                                            status.error.__traceback__))
-                logging.error(detail)
-                slicer.util.errorDisplay(_("{title} failed: {message}").format(title=title, message=status.error),
-                                         detailedText=detail)
+                self._showError(title, status.error)
             else:
                 with slicer.util.tryWithErrorDisplay(_("{title}: could not create the outputs.").format(title=title),
-                                                     waitCursor=True):
+                                                     waitCursor=not self._liveJacobian):
                     notes = finish(status.result) or []
-                    self.ui.statusLabel.text = _("{title} finished in {seconds:.1f} s.").format(
-                        title=title, seconds=status.elapsed)
-                    self.ui.notesLabel.text = "\n".join(notes)
+                    if not self._liveJacobian:
+                        self.ui.statusLabel.text = _("{title} finished in {seconds:.1f} s.").format(
+                            title=title, seconds=status.elapsed)
+                        self.ui.notesLabel.text = "\n".join(notes)
         finally:
+            job.cleanup()  # the job's temporary folder
             self.updateGuiState()
-            self._refreshDeviceInfo()
+            if self._liveJacobian and self._jacobianPending:
+                self._requestJacobian()
+
+    def _showError(self, title, error):
+        """One clear message; the worker's traceback goes to the details and the log."""
+        message = support.first_line(error)
+        self.ui.statusLabel.text = _("{title} failed: {message}").format(title=title, message=message)
+        details = getattr(error, "details", "") or ""
+        if details:
+            logging.error(details)
+        if self._liveJacobian:
+            self._stopLiveJacobian()
+        slicer.util.errorDisplay(_("{title} failed: {message}").format(title=title, message=message),
+                                 detailedText=details or None, windowTitle=_("FusionINN"))
 
     def onCancelButton(self):
         if self._job is not None:
-            self._job.cancel()
+            self._job.cancel()  # the worker stops at its next check, or is killed within a second
             self.ui.statusLabel.text = _("{title}: cancelling...").format(title=self._jobTitle)
 
-    def _runInBackground(self, title, prepare, compute, finish):
-        """prepare() on the main thread (reads nodes), compute() on the worker, finish() back here."""
+    def _runInWorker(self, title, prepare, op, paramsOf, finish, watchFolders=()):
+        """prepare() reads the nodes here, the worker computes, finish() creates the nodes here."""
+        if self._job is not None:
+            slicer.util.warningDisplay(_("Another FusionINN job is running; wait for it or cancel it."))
+            return
         with slicer.util.tryWithErrorDisplay(_("{title} could not start.").format(title=title), waitCursor=True):
             if not self.logic.ensureDependencies():
                 self.ui.statusLabel.text = _("{title}: required Python packages are missing.").format(title=title)
                 return
             request = prepare()
-            self._startJob(title, lambda progress, isCancelled, log: compute(request, progress, isCancelled, log),
-                           lambda result: finish(request, result))
+            job = self.logic.submit(op, paramsOf(request), watch_folders=watchFolders, title=title)
+            self._startJob(title, job, lambda result: finish(request, result))
 
     # -- actions -----------------------------------------------------------------------------
     def onFuseButton(self):
@@ -406,7 +425,7 @@ class FusionINNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.setSliceViewerLayers(background=nodes["fused"], fit=True)
             return nodes["notes"]
 
-        self._runInBackground(_("Fusion"), lambda: self.logic.prepareFuse(p), self.logic.computeFuse, finish)
+        self._runInWorker(_("Fusion"), lambda: self.logic.prepareFuse(p), "job", self.logic.fuseParams, finish)
 
     def onDecomposeButton(self):
         p = self._parameterNode
@@ -419,8 +438,8 @@ class FusionINNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.setSliceViewerLayers(background=nodes["decomposed1"], fit=True)
             return nodes["notes"]
 
-        self._runInBackground(_("Decomposition"), lambda: self.logic.prepareDecompose(p),
-                              self.logic.computeDecompose, finish)
+        self._runInWorker(_("Decomposition"), lambda: self.logic.prepareDecompose(p), "job",
+                          self.logic.decomposeParams, finish)
 
     def onScoreButton(self):
         self._score(baselines=False)
@@ -437,8 +456,8 @@ class FusionINNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.showTable(nodes["table"])
             return nodes["notes"]
 
-        self._runInBackground(_("Scoring"), lambda: self.logic.prepareScore(p, baselines),
-                              self.logic.computeScore, finish)
+        self._runInWorker(_("Scoring"), lambda: self.logic.prepareScore(p, baselines), "job",
+                          self.logic.scoreParams, finish)
 
     def onExplainButton(self):
         p = self._parameterNode
@@ -448,20 +467,66 @@ class FusionINNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.overlayVolume = nodes["guidance1"]
             return nodes["notes"]
 
-        self._runInBackground(_("Guidance maps"), lambda: self.logic.prepareExplain(p),
-                              self.logic.computeExplain, finish)
+        self._runInWorker(_("Guidance maps"), lambda: self.logic.prepareExplain(p), "job",
+                          self.logic.explainParams, finish)
 
-    def onJacobianButton(self):
+    # -- live Jacobian -------------------------------------------------------------------------
+    def onJacobianButton(self, checked=False):
+        """Toggle: while on, the Jacobian of the fused voxel under the crosshair follows it."""
+        if self._liveJacobian:
+            self._stopLiveJacobian()
+            return
+        with slicer.util.tryWithErrorDisplay(_("Jacobian could not start."), waitCursor=True):
+            if not self.logic.ensureDependencies():
+                return
+            crosshair = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
+            if crosshair is None:
+                raise ValueError(_("No crosshair in the scene."))
+            self._liveJacobian = True
+            self.ui.jacobianButton.text = _("Stop Jacobian")
+            self.addObserver(crosshair, vtk.vtkCommand.ModifiedEvent, self._onCrosshairMoved)
+            self.ui.statusLabel.text = _("Jacobian: follows the crosshair (Shift + mouse move).")
+            self._requestJacobian()
+
+    def _stopLiveJacobian(self):
+        if not self._liveJacobian:
+            return
+        self._liveJacobian = False
+        self._jacobianPending = False
+        crosshair = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
+        if crosshair is not None:
+            self.removeObserver(crosshair, vtk.vtkCommand.ModifiedEvent, self._onCrosshairMoved)
+        self.ui.jacobianButton.text = _("Jacobian at crosshair")
+        self.updateGuiState()
+
+    def _onCrosshairMoved(self, caller=None, event=None):
+        if not self._liveJacobian:
+            return
+        if self._job is not None:
+            self._jacobianPending = True  # coalesce: only the latest position is computed next
+            return
+        self._requestJacobian()
+
+    def _requestJacobian(self):
+        self._jacobianPending = False
         p = self._parameterNode
+        try:
+            request = self.logic.prepareJacobian(p, self.logic.crosshairRAS())
+        except ValueError as error:  # crosshair outside the volume: say so and wait for the next move
+            self.ui.statusLabel.text = _("Jacobian: {message}").format(message=support.first_line(error))
+            return
 
-        def finish(request, result):
+        def finish(result):
             nodes = self.logic.finishJacobian(request, result)
-            p.overlayVolume = nodes["jacobian1"]
-            return nodes["notes"]
+            if p.overlayVolume is not nodes["jacobian1"]:
+                p.overlayVolume = nodes["jacobian1"]
+            self.ui.statusLabel.text = _("Jacobian at voxel {index}.").format(index=list(request["index"]))
+            return []
 
-        self._runInBackground(_("Jacobian"), lambda: self.logic.prepareJacobian(p, self.logic.crosshairRAS()),
-                              self.logic.computeJacobian, finish)
+        job = self.logic.submit("jacobian", request["params"], title=_("Jacobian"))
+        self._startJob(_("Jacobian"), job, finish, LIVE_POLL_INTERVAL_MS)
 
+    # -- compare, overlay, difference, batch ---------------------------------------------------
     def onCompareLayoutButton(self):
         with slicer.util.tryWithErrorDisplay(_("Failed to show the compare layout."), waitCursor=True):
             self._overlayActive = False
@@ -477,19 +542,27 @@ class FusionINNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.setOverlayOpacity(value)
 
     def onDifferenceMapsButton(self):
-        with slicer.util.tryWithErrorDisplay(_("Failed to compute the difference maps."), waitCursor=True):
-            nodes = self.logic.makeDifferenceMaps(self._parameterNode)
+        p = self._parameterNode
+
+        def finish(request, result):
+            nodes = self.logic.finishDifference(request, result)
             if nodes:
-                self._parameterNode.overlayVolume = nodes[0]
-            self.ui.statusLabel.text = _("Created {count} difference map(s).").format(count=len(nodes))
+                p.overlayVolume = nodes[0]
+            return [_("Created {count} difference map(s).").format(count=len(nodes))]
+
+        self._runInWorker(_("Difference maps"), lambda: self.logic.prepareDifference(p), "difference",
+                          lambda request: {"pairs": request["pairs"]}, finish)
 
     def onBatchButton(self):
         p = self._parameterNode
 
         def finish(request, result):
-            return self.logic.finishBatch(request, result)
+            nodes = self.logic.finishBatch(request, result)
+            self.logic.showTable(nodes["table"])
+            return nodes["notes"]
 
-        self._runInBackground(_("Batch"), lambda: self.logic.prepareBatch(p), self.logic.computeBatch, finish)
+        self._runInWorker(_("Batch"), lambda: self.logic.prepareBatch(p), "job", self.logic.batchParams, finish,
+                          watchFolders=[str(p.batchOutputDirectory)])
 
     def onDetectDevicesButton(self):
         with slicer.util.tryWithErrorDisplay(_("Failed to detect compute devices."), waitCursor=True):
@@ -534,13 +607,19 @@ class FusionINNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay(_("Training could not start."), waitCursor=True):
             dataDirectory = self.ui.trainDataDirectoryButton.directory
-            if not dataDirectory or not os.path.isdir(dataDirectory):
+            # An unset ctkDirectoryButton returns "." (the current folder), not "".
+            if support.unset_path(dataDirectory) or not os.path.isdir(dataDirectory):
                 raise ValueError(_("Choose the folder holding the BraTS-style cases (one sub-folder per case)."))
             outputModel = self.ui.trainOutputModelPathLineEdit.currentPath
-            if not outputModel:
+            if support.unset_path(outputModel):
                 raise ValueError(_("Choose where to save the trained model (.pt file)."))
             if not outputModel.lower().endswith(".pt"):
                 outputModel += ".pt"
+            resume = support.resumable_checkpoint(outputModel)
+            if resume is not None and not slicer.util.confirmYesNoDisplay(
+                    _("An unfinished training run of {model} exists ({path}). Resume it? (No starts a new run, "
+                      "which replaces it.)").format(model=outputModel, path=resume), windowTitle=_("FusionINN")):
+                resume = None
             p = self._parameterNode
             scene = slicer.mrmlScene
 
@@ -563,6 +642,8 @@ class FusionINNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 "metricsTable": outputs["metrics"],
                 "previewVolume": outputs["preview"],
             }
+            if resume is not None:
+                parameters["resume"] = resume
             node = slicer.cli.run(cliModule, None, parameters, wait_for_completion=False)
             self._trainingNode, self._trainingOutputs = node, outputs
             if self._trainingProgressBar is None:
@@ -590,8 +671,11 @@ class FusionINNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if outputs.get(key) is not None and outputs[key].GetScene() is not None:
                 slicer.mrmlScene.RemoveNode(outputs[key])
         if status == node.Cancelled:
-            self.ui.statusLabel.text = _("Training cancelled; it can be resumed from last.pt in the run folder "
-                                         "(FusionINN Training module, Resume checkpoint).")
+            # Slicer stops a CLI with SIGKILL: the run folder keeps last.pt of the last finished epoch.
+            resume = support.resumable_checkpoint(outputs.get("model") or "")
+            self.ui.statusLabel.text = (
+                _("Training cancelled; press Train again to resume it from {path}.").format(path=resume)
+                if resume is not None else _("Training cancelled before its first epoch ended; nothing to resume."))
             return
         errorText = (node.GetErrorText() or "").strip()
         lastLines = "\n".join(errorText.splitlines()[-8:])
@@ -653,19 +737,17 @@ class FusionINNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 # FusionINNLogic
 #
-class FusionINNLogic(ScriptedLoadableModuleLogic):
-    """MRML ⇄ :class:`~FusionINNLib.volume.Volume` conversion and calls into ``FusionINNLib``.
+class FusionINNLogic(ScriptedLoadableModuleLogic, FusionINNCoreLogic):
+    """Slicer's module-logic base (parameter node) + the Qt-free logic in ``FusionINNSlicerLib``.
 
-    Each long operation is split in three so that the GUI never freezes and never sees half-made
-    nodes: ``prepareX`` (main thread: reads nodes into numpy copies and validates options),
-    ``computeX`` (worker thread: pure ``FusionINNLib`` call, no MRML access) and ``finishX`` (main
-    thread: creates all output nodes, or none if anything fails). ``x(parameterNode)`` runs the three
-    in a row for scripts and self-tests.
+    Dependencies (installed into Slicer's Python, which the worker shares) and the parts that need
+    Slicer's GUI application (layout manager, table view) are here; everything else is in
+    :class:`FusionINNSlicerLib.logic.FusionINNCoreLogic`.
     """
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
-        self._modelCache = {}
+        FusionINNCoreLogic.__init__(self)
 
     def getParameterNode(self):
         return FusionINNParameterNode(super().getParameterNode())
@@ -673,24 +755,42 @@ class FusionINNLogic(ScriptedLoadableModuleLogic):
     # -- dependencies ------------------------------------------------------------------------
     @staticmethod
     def isModuleAvailable(name):
+        import importlib.util
+
         return importlib.util.find_spec(name) is not None
 
-    def ensureDependencies(self, askConfirmation=True):
-        """PyTorch through the PyTorch extension, then the other packages with pip. False if declined."""
+    def ensureDependencies(self, askConfirmation=True, torch=True):
+        """PyTorch (>= 2.5) through the PyTorch extension, then the other packages with pip.
+        ``torch=False``: only what the sample data needs. False if the user declined."""
+        import importlib
+
         askConfirmation = askConfirmation and not slicer.app.testingEnabled()
-        if not self.isModuleAvailable("torch"):
-            try:
-                import PyTorchUtils
-            except ModuleNotFoundError:
-                raise RuntimeError(_("FusionINN needs PyTorch. Install the 'PyTorch' extension with the Extensions "
-                                     "Manager, restart Slicer and try again.")) from None
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if not torchLogic.torchInstalled():
-                torch = torchLogic.installTorch(askConfirmation=askConfirmation,
-                                                torchVersionRequirement=support.TORCH_REQUIREMENT)
-                if torch is None:
+        if torch:
+            installed = support.installed_version("torch") if self.isModuleAvailable("torch") else None
+            if installed is None or support.torch_too_old(installed):
+                try:
+                    import PyTorchUtils
+                except ModuleNotFoundError:
+                    raise RuntimeError(_("FusionINN needs PyTorch {requirement}. Install the 'PyTorch' extension with "
+                                         "the Extensions Manager, restart Slicer and try again.").format(
+                                             requirement=support.TORCH_REQUIREMENT)) from None
+                if installed is not None and askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                        _("FusionINN needs PyTorch {requirement}, but {version} is installed. Upgrade it now?").format(
+                            requirement=support.TORCH_REQUIREMENT, version=installed),
+                        windowTitle=_("FusionINN: PyTorch")):
                     return False
-        missing = support.missing_requirements(self.isModuleAvailable)
+                torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+                if torchLogic.installTorch(askConfirmation=askConfirmation and installed is None,
+                                           torchVersionRequirement=support.TORCH_REQUIREMENT) is None:
+                    return False
+                if support.torch_too_old(support.installed_version("torch")):
+                    raise RuntimeError(_("PyTorch {version} is still installed; FusionINN needs {requirement}. "
+                                         "Restart Slicer and try again.").format(
+                                             version=support.installed_version("torch"),
+                                             requirement=support.TORCH_REQUIREMENT))
+                self.shutdownWorker()  # a running worker holds the old torch
+        requirements = support.PYTHON_REQUIREMENTS if torch else support.SAMPLE_DATA_REQUIREMENTS
+        missing = support.missing_requirements(self.isModuleAvailable, requirements)
         if missing:
             if askConfirmation and not slicer.util.confirmOkCancelDisplay(
                     _("FusionINN needs these Python packages, which will be downloaded and installed now:\n\n"
@@ -700,337 +800,13 @@ class FusionINNLogic(ScriptedLoadableModuleLogic):
             for requirement in missing:
                 slicer.util.pip_install(requirement)
             importlib.invalidate_caches()
-            stillMissing = support.missing_requirements(self.isModuleAvailable)
+            stillMissing = support.missing_requirements(self.isModuleAvailable, requirements)
             if stillMissing:
                 raise RuntimeError(_("Installing {packages} failed; see the Python console.").format(
                     packages=", ".join(stillMissing)))
         return True
 
-    def describeDevices(self):
-        from FusionINNLib.engine import describe_devices
-
-        return describe_devices()
-
-    # -- MRML <-> Volume ---------------------------------------------------------------------
-    @staticmethod
-    def _matrixArray(vtkMatrix):
-        return slicer.util.arrayFromVTKMatrix(vtkMatrix)
-
-    def worldIJKToRAS(self, node):
-        """The node's IJKToRAS including a linear parent transform (non-linear ones are refused)."""
-        matrix = vtk.vtkMatrix4x4()
-        node.GetIJKToRASMatrix(matrix)
-        ijkToRAS = self._matrixArray(matrix)
-        parent = node.GetParentTransformNode()
-        if parent is None:
-            return ijkToRAS
-        if not parent.IsTransformToWorldLinear():
-            raise ValueError(_("{name} is under a non-linear transform; harden the transform first (Data "
-                               "module: right-click the volume, 'Harden transform').").format(name=node.GetName()))
-        parentToWorld = vtk.vtkMatrix4x4()
-        parent.GetMatrixTransformToWorld(parentToWorld)
-        return support.compose_transform(self._matrixArray(parentToWorld), ijkToRAS)
-
-    def volumeFromNode(self, node):
-        """A detached :class:`Volume` (numpy copy + ITK LPS geometry) of a scalar volume node."""
-        from FusionINNLib.volume import Volume
-
-        if node is None:
-            raise ValueError(_("No volume selected."))
-        if node.GetImageData() is None:
-            raise ValueError(_("{name} has no image data.").format(name=node.GetName()))
-        array = slicer.util.arrayFromVolume(node)
-        if array.ndim != 3:
-            raise ValueError(_("{name} is not a scalar volume (array shape {shape}).").format(
-                name=node.GetName(), shape=array.shape))
-        spacing, origin, direction = support.ijk_to_ras_to_itk_geometry(self.worldIJKToRAS(node))
-        # A copy: the worker thread must not read VTK memory that the GUI may modify meanwhile.
-        return Volume(array.copy(), spacing, origin, direction)
-
-    def addVolumeNode(self, volume, name, created, attributes=None, nodeClassName="vtkMRMLScalarVolumeNode",
-                      array=None):
-        """A new volume node with ``volume``'s geometry; appended to ``created`` for all-or-nothing cleanup."""
-        ijkToRAS = support.itk_geometry_to_ijk_to_ras(volume.spacing, volume.origin, volume.direction)
-        node = slicer.util.addVolumeFromArray(volume.array if array is None else array, ijkToRAS=ijkToRAS,
-                                              name=slicer.mrmlScene.GenerateUniqueName(name),
-                                              nodeClassName=nodeClassName)
-        created.append(node)
-        for key, value in (attributes or {}).items():
-            node.SetAttribute(key, value)
-        return node
-
-    @contextlib.contextmanager
-    def _allOrNothing(self):
-        """Collects the nodes created inside; removes them all if the block raises."""
-        created = []
-        try:
-            yield created
-        except Exception:
-            for node in reversed(created):
-                if node.GetScene() is not None:
-                    slicer.mrmlScene.RemoveNode(node)
-            raise
-
-    @staticmethod
-    def setColormap(node, colormapName, windowLevel=None):
-        display = node.GetDisplayNode()
-        if display is None:
-            node.CreateDefaultDisplayNodes()
-            display = node.GetDisplayNode()
-        display.SetAndObserveColorNodeID(support.OVERLAY_COLORMAPS[colormapName])
-        if windowLevel is not None:
-            display.SetAutoWindowLevel(False)
-            display.SetWindowLevel(*windowLevel)
-
-    @staticmethod
-    def latentNodeOf(fusedNode):
-        return fusedNode.GetNodeReference(support.REFERENCE_LATENT) if fusedNode is not None else None
-
-    @staticmethod
-    def recordOf(fusedNode):
-        return support.record_from_attributes({support.RECORD_ATTRIBUTE: fusedNode.GetAttribute(
-            support.RECORD_ATTRIBUTE)})
-
-    # -- model -------------------------------------------------------------------------------
-    def loadModel(self, modelSource, modelPath):
-        """The chosen model, cached while its file is unchanged (worker thread; one job at a time)."""
-        from FusionINNLib.checkpoint import bundled_model_path, resolve_model
-
-        argument = support.model_argument(modelSource, modelPath)
-        path = argument if argument is not None else str(bundled_model_path())
-        stamp = os.path.getmtime(path) if os.path.isfile(path) else None
-        key = (path, stamp)
-        if key not in self._modelCache:
-            self._modelCache = {key: resolve_model(argument)}
-        return self._modelCache[key]
-
-    # -- fuse --------------------------------------------------------------------------------
-    def prepareFuse(self, p):
-        if p.inputVolume1 is None or p.inputVolume2 is None:
-            raise ValueError(_("Select input volume 1 and input volume 2."))
-        support.model_argument(p.modelSource, p.modelPath)  # fail early on a missing model file
-        return {
-            "volume1": self.volumeFromNode(p.inputVolume1), "volume2": self.volumeFromNode(p.inputVolume2),
-            "node1": p.inputVolume1, "node2": p.inputVolume2,
-            "names": (p.inputVolume1.GetName(), p.inputVolume2.GetName()),
-            "model": (p.modelSource, str(p.modelPath)),
-            "options": {"axis": p.axis, "normalization": p.normalization, "keep_latent": p.keepLatent,
-                        "device": p.device, "batch_size": p.batchSize, "amp": p.amp},
-        }
-
-    def computeFuse(self, request, progress=None, isCancelled=None, log=logging.info):
-        from FusionINNLib.pipeline import fuse_volumes
-
-        model = self.loadModel(*request["model"])
-        return fuse_volumes(request["volume1"], request["volume2"], model, progress=progress, cancel=isCancelled,
-                            log=log, input_names=request["names"], **request["options"])
-
-    def finishFuse(self, request, output):
-        name1, name2 = request["names"]
-        with self._allOrNothing() as created:
-            fused = self.addVolumeNode(output.fused, support.fused_volume_name(name1, name2), created,
-                                       support.provenance_attributes("fused", output.record, inputs=(name1, name2)))
-            fused.SetNodeReferenceID(support.REFERENCE_INPUT1, request["node1"].GetID())
-            fused.SetNodeReferenceID(support.REFERENCE_INPUT2, request["node2"].GetID())
-            latent = None
-            if output.latent is not None:
-                latent = self.addVolumeNode(
-                    output.fused, support.latent_volume_name(fused.GetName()), created,
-                    support.provenance_attributes("latent", output.record, inputs=(name1, name2)),
-                    nodeClassName="vtkMRMLVectorVolumeNode", array=support.latent_to_vector_array(output.latent))
-                fused.SetNodeReferenceID(support.REFERENCE_LATENT, latent.GetID())
-        return {"fused": fused, "latent": latent, "notes": list(output.notes)}
-
-    def fuse(self, p):
-        request = self.prepareFuse(p)
-        nodes = self.finishFuse(request, self.computeFuse(request))
-        p.fusedVolume = nodes["fused"]
-        return nodes
-
-    # -- decompose ---------------------------------------------------------------------------
-    def prepareDecompose(self, p):
-        fusedNode = p.fusedVolume
-        if fusedNode is None:
-            raise ValueError(_("Select a fused volume."))
-        record = self.recordOf(fusedNode)
-        latent = None
-        if p.useKeptLatent:
-            latentNode = self.latentNodeOf(fusedNode)
-            if latentNode is None:
-                raise ValueError(_("{name} has no kept latent: fuse with 'Keep latent volume', or untick "
-                                   "'Use kept latent' to sample.").format(name=fusedNode.GetName()))
-            latent = support.vector_array_to_latent(slicer.util.arrayFromVolume(latentNode))
-        options = {"device": p.device, "batch_size": p.batchSize}
-        if latent is None:
-            options.update(samples=p.samples, seed=p.seed, temperature=p.temperature, prior=p.prior)
-        inputNames = (record or {}).get("inputs") or ()
-        return {"fused": self.volumeFromNode(fusedNode), "fusedNode": fusedNode, "record": record,
-                "latent": latent, "model": (p.modelSource, str(p.modelPath)), "options": options,
-                "inputNames": tuple(inputNames)}
-
-    def computeDecompose(self, request, progress=None, isCancelled=None, log=logging.info):
-        from FusionINNLib.pipeline import decompose_volume
-
-        model = self.loadModel(*request["model"])
-        return decompose_volume(request["fused"], request["record"], model, latent=request["latent"],
-                                progress=progress, cancel=isCancelled, log=log, **request["options"])
-
-    def finishDecompose(self, request, output):
-        fusedNode = request["fusedNode"]
-        options = request["options"]
-        details = {"mode": "exact" if request["latent"] is not None else "sampled",
-                   "samples": options.get("samples"), "seed": options.get("seed"),
-                   "temperature": options.get("temperature"), "prior": options.get("prior"),
-                   "fusedVolume": fusedNode.GetName()}
-        names = support.decomposed_volume_names(fusedNode.GetName(), request["inputNames"])
-        record = request["record"]
-        with self._allOrNothing() as created:
-            nodes = {}
-            for index, (volume, name) in enumerate(zip((output.source1, output.source2), names), start=1):
-                node = self.addVolumeNode(volume, name, created,
-                                          support.provenance_attributes("decomposed", record, **details))
-                node.SetNodeReferenceID(support.REFERENCE_FUSED, fusedNode.GetID())
-                nodes[f"decomposed{index}"] = node
-            for index, (volume, name) in enumerate(zip((output.std1, output.std2),
-                                                       support.std_volume_names(names)), start=1):
-                if volume is None:
-                    nodes[f"std{index}"] = None
-                    continue
-                node = self.addVolumeNode(volume, name, created,
-                                          support.provenance_attributes("std", record, **details))
-                node.SetNodeReferenceID(support.REFERENCE_FUSED, fusedNode.GetID())
-                self.setColormap(node, support.STD_COLORMAP)
-                nodes[f"std{index}"] = node
-        nodes["notes"] = list(output.notes)
-        return nodes
-
-    def decompose(self, p):
-        request = self.prepareDecompose(p)
-        nodes = self.finishDecompose(request, self.computeDecompose(request))
-        p.decomposedVolume1, p.decomposedVolume2 = nodes["decomposed1"], nodes["decomposed2"]
-        return nodes
-
-    # -- score -------------------------------------------------------------------------------
-    def prepareScore(self, p, baselines):
-        if p.inputVolume1 is None or p.inputVolume2 is None or p.fusedVolume is None:
-            raise ValueError(_("Select input 1, input 2 and a fused volume to score."))
-        record = self.recordOf(p.fusedVolume) or {}
-        normalizations = record.get("normalization") or [{}]
-        decomposed = []
-        for index, node in enumerate((p.decomposedVolume1, p.decomposedVolume2), start=1):
-            if node is not None and node.GetNodeReference(support.REFERENCE_FUSED) is p.fusedVolume:
-                decomposed.append((index, self.volumeFromNode(node)))
-        return {
-            "volume1": self.volumeFromNode(p.inputVolume1), "volume2": self.volumeFromNode(p.inputVolume2),
-            "fused": self.volumeFromNode(p.fusedVolume), "fusedNode": p.fusedVolume,
-            "mask": self.volumeFromNode(p.maskVolume) if p.maskVolume is not None else None,
-            "names": (p.inputVolume1.GetName(), p.inputVolume2.GetName()),
-            "table": p.metricsTable, "baselines": bool(baselines), "keepBaselines": p.keepBaselineVolumes,
-            "decomposed": decomposed,
-            "options": {"paper_compatible": p.paperCompatible,
-                        "data_range": p.dataRange if p.dataRange > 0 else None,
-                        "axis": int(record.get("axis", p.axis))},
-            "normalization": normalizations[0].get("mode", p.normalization),
-        }
-
-    def computeScore(self, request, progress=None, isCancelled=None, log=logging.info):
-        from FusionINNLib.batch import align_to_reference, baseline_fusions, score_volumes
-        from FusionINNLib.engine import Cancelled
-        from FusionINNLib.metrics import decomposition_metrics
-
-        def checkCancelled():
-            if isCancelled is not None and isCancelled():
-                raise Cancelled("cancelled by the user")
-
-        volume1, volume2, options = request["volume1"], request["volume2"], request["options"]
-        steps = 1 + (3 if request["baselines"] else 0) + len(request["decomposed"])
-        done = [0]
-
-        def step():
-            done[0] += 1
-            if progress is not None:
-                progress(done[0] / steps)
-            checkCancelled()
-
-        scored = score_volumes(volume1, volume2, request["fused"], mask=request["mask"], **options)
-        results = {"FusionINN": dict(scored["summary"])}
-        notes = list(scored["notes"])
-        step()
-        baselineVolumes = {}
-        if request["baselines"]:
-            baselineVolumes = baseline_fusions(volume1, volume2, normalization=request["normalization"],
-                                               axis=options["axis"])
-            for method, volume in baselineVolumes.items():
-                results[method] = dict(score_volumes(volume1, volume2, volume, mask=request["mask"],
-                                                     **options)["summary"])
-                step()
-        decompositionRows = {}
-        for index, decomposedVolume in request["decomposed"]:
-            source = volume1 if index == 1 else align_to_reference(volume1, volume2)[0]
-            aligned, _notes = align_to_reference(source, decomposedVolume)
-            summary = decomposition_metrics(source.array, aligned.array, axis=options["axis"])["summary"]
-            decompositionRows[index] = dict(summary)
-            step()
-        return {"results": results, "notes": notes, "baselineVolumes": baselineVolumes,
-                "decompositionRows": decompositionRows}
-
-    def finishScore(self, request, result):
-        from FusionINNLib.metrics import FUSION_METRIC_NAMES, METRIC_DESCRIPTIONS
-
-        results = {method: dict(values) for method, values in result["results"].items()}
-        descriptions = dict(METRIC_DESCRIPTIONS)
-        rows, rowDescriptions = support.decomposition_rows(result["decompositionRows"], METRIC_DESCRIPTIONS)
-        results["FusionINN"].update(rows)
-        descriptions.update(rowDescriptions)
-        columns = support.metrics_table_columns(results, descriptions, FUSION_METRIC_NAMES)
-        name1, name2 = request["names"]
-        fusedNode = request["fusedNode"]
-        with self._allOrNothing() as created:
-            tableNode = request["table"]
-            if tableNode is None:
-                tableName = support.metrics_table_name(fusedNode.GetName())
-                tableNode = slicer.mrmlScene.AddNewNodeByClass(
-                    "vtkMRMLTableNode", slicer.mrmlScene.GenerateUniqueName(tableName))
-                created.append(tableNode)
-            self.fillTable(tableNode, columns)
-            attributes = support.provenance_attributes("metrics", self.recordOf(fusedNode), inputs=(name1, name2),
-                                                       fusedVolume=fusedNode.GetName(), **request["options"])
-            for key, value in attributes.items():
-                tableNode.SetAttribute(key, value)
-            if request["keepBaselines"]:
-                for method, volume in result["baselineVolumes"].items():
-                    self.addVolumeNode(volume, support.baseline_volume_name(method, name1, name2), created,
-                                       support.provenance_attributes("baseline", inputs=(name1, name2),
-                                                                     method=method))
-        return {"table": tableNode, "notes": list(result["notes"])}
-
-    def score(self, p, baselines=False):
-        request = self.prepareScore(p, baselines)
-        nodes = self.finishScore(request, self.computeScore(request))
-        p.metricsTable = nodes["table"]
-        return nodes
-
-    @staticmethod
-    def fillTable(tableNode, columns):
-        """Replace the table's content with typed columns (numbers stay numbers for sorting/plotting)."""
-        wasModifying = tableNode.StartModify()
-        try:
-            tableNode.RemoveAllColumns()
-            tableNode.SetUseColumnNameAsColumnHeader(True)
-            table = tableNode.GetTable()
-            for column in columns:
-                array = VTK_ARRAY_CLASSES[column.type]()
-                array.SetName(column.name)
-                array.SetNumberOfValues(len(column.values))
-                for row, value in enumerate(column.values):
-                    array.SetValue(row, value)
-                table.AddColumn(array)
-                tableNode.SetColumnDescription(column.name, column.description)
-            tableNode.SetLocked(True)
-            tableNode.Modified()
-        finally:
-            tableNode.EndModify(wasModifying)
-
+    # -- views (need Slicer's main window) ---------------------------------------------------------
     @staticmethod
     def showTable(tableNode):
         layoutManager = slicer.app.layoutManager()
@@ -1041,83 +817,9 @@ class FusionINNLogic(ScriptedLoadableModuleLogic):
         selectionNode.SetActiveTableID(tableNode.GetID())
         slicer.app.applicationLogic().PropagateTableSelection()
 
-    # -- explain -----------------------------------------------------------------------------
-    def prepareExplain(self, p):
-        from FusionINNLib.explain import parse_slices
-
-        if p.inputVolume1 is None or p.inputVolume2 is None:
-            raise ValueError(_("Select input volume 1 and input volume 2."))
-        volume1 = self.volumeFromNode(p.inputVolume1)
-        text = p.explainSlices.strip()
-        slices = parse_slices(text, volume1.shape[p.axis]) if text else None
-        return {"volume1": volume1, "volume2": self.volumeFromNode(p.inputVolume2),
-                "names": (p.inputVolume1.GetName(), p.inputVolume2.GetName()),
-                "model": (p.modelSource, str(p.modelPath)), "slices": slices,
-                "options": {"axis": p.axis, "normalization": p.normalization, "device": p.device}}
-
-    def computeExplain(self, request, progress=None, isCancelled=None, log=logging.info):
-        from FusionINNLib.explain import explain_volumes
-
-        model = self.loadModel(*request["model"])
-        return explain_volumes(request["volume1"], request["volume2"], model, slices=request["slices"],
-                               progress=progress, cancel=isCancelled, log=log, **request["options"])
-
-    def finishExplain(self, request, output):
-        name1, name2 = request["names"]
-        names = support.guidance_volume_names(name1, name2)
-        with self._allOrNothing() as created:
-            attributes = support.provenance_attributes("guidance", inputs=(name1, name2), slices=list(output.slices),
-                                                       axis=output.axis, exact=output.exact)
-            guidance1 = self.addVolumeNode(output.guidance1, names[0], created, attributes)
-            guidance2 = self.addVolumeNode(output.guidance2, names[1], created, attributes)
-            rgb = self.addVolumeNode(output.guidance1, names[2], created, attributes,
-                                     nodeClassName="vtkMRMLVectorVolumeNode", array=output.rgb)
-            for node in (guidance1, guidance2):
-                self.setColormap(node, support.GUIDANCE_COLORMAP)
-        return {"guidance1": guidance1, "guidance2": guidance2, "rgb": rgb, "notes": list(output.notes)}
-
-    def explain(self, p):
-        request = self.prepareExplain(p)
-        return self.finishExplain(request, self.computeExplain(request))
-
-    @staticmethod
-    def crosshairRAS():
-        crosshair = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
-        if crosshair is None:
-            raise ValueError(_("No crosshair in the scene."))
-        return list(crosshair.GetCrosshairRAS())
-
-    def prepareJacobian(self, p, ras):
-        if p.inputVolume1 is None or p.inputVolume2 is None:
-            raise ValueError(_("Select input volume 1 and input volume 2."))
-        volume1 = self.volumeFromNode(p.inputVolume1)
-        index = support.ras_to_ijk_index(self.worldIJKToRAS(p.inputVolume1), ras, volume1.shape)
-        return {"volume1": volume1, "volume2": self.volumeFromNode(p.inputVolume2), "index": index,
-                "names": (p.inputVolume1.GetName(), p.inputVolume2.GetName()),
-                "model": (p.modelSource, str(p.modelPath)),
-                "options": {"axis": p.axis, "normalization": p.normalization, "device": p.device}}
-
-    def computeJacobian(self, request, progress=None, isCancelled=None, log=logging.info):
-        from FusionINNLib.explain import jacobian_volumes
-
-        model = self.loadModel(*request["model"])
-        return jacobian_volumes(request["volume1"], request["volume2"], request["index"], model, log=log,
-                                **request["options"])
-
-    def finishJacobian(self, request, output):
-        name1, name2 = request["names"]
-        names = support.jacobian_volume_names(name1, name2, request["index"])
-        with self._allOrNothing() as created:
-            attributes = support.provenance_attributes("jacobian", inputs=(name1, name2),
-                                                       pointIJK=list(request["index"]))
-            nodes = [self.addVolumeNode(volume, name, created, attributes) for volume, name in zip(output, names)]
-            for node in nodes:
-                self.setColormap(node, support.GUIDANCE_COLORMAP)
-        return {"jacobian1": nodes[0], "jacobian2": nodes[1], "notes": []}
-
-    # -- compare -----------------------------------------------------------------------------
     def showCompareLayout(self, p):
-        """Inputs, fused and decompositions side by side, linked, with the crosshair shown."""
+        """Inputs, fused and decompositions side by side, linked, with the crosshair shown; a changed
+        orientation re-orients the existing views."""
         if p.inputVolume1 is None or p.inputVolume2 is None or p.fusedVolume is None:
             raise ValueError(_("Select input 1, input 2 and a fused volume to compare."))
         layoutManager = slicer.app.layoutManager()
@@ -1125,13 +827,13 @@ class FusionINNLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(_("The compare layout needs Slicer's main window."))
         hasDecomposition = p.decomposedVolume1 is not None and p.decomposedVolume2 is not None
         views = support.compare_views(hasDecomposition)
-        layoutXml = support.compare_layout_xml(views, p.compareOrientation)
         layoutNode = layoutManager.layoutLogic().GetLayoutNode()
-        if layoutNode.IsLayoutDescription(support.COMPARE_LAYOUT_ID):
-            layoutNode.SetLayoutDescription(support.COMPARE_LAYOUT_ID, layoutXml)
-        else:
-            layoutNode.AddLayoutDescription(support.COMPARE_LAYOUT_ID, layoutXml)
-        layoutManager.setLayout(support.COMPARE_LAYOUT_ID)
+
+        def sliceNodeOf(name):
+            sliceWidget = layoutManager.sliceWidget(name)
+            return sliceWidget.mrmlSliceNode() if sliceWidget is not None else self.sliceNodeByName(name)
+
+        self.applyCompareLayout(layoutNode, views, p.compareOrientation, sliceNodeOf)
         volumes = {"input1": p.inputVolume1, "input2": p.inputVolume2, "fused": p.fusedVolume,
                    "decomposed1": p.decomposedVolume1, "decomposed2": p.decomposedVolume2}
         for view in views:
@@ -1171,69 +873,6 @@ class FusionINNLogic(ScriptedLoadableModuleLogic):
         for composite in self._overlayCompositeNodes():
             composite.SetForegroundOpacity(opacity)
 
-    def makeDifferenceMaps(self, p):
-        """Decomposed − source for each available decomposition, with a diverging map centred on 0."""
-        from FusionINNLib.batch import difference_volume
-
-        pairs = [(node, source) for node, source in ((p.decomposedVolume1, p.inputVolume1),
-                                                     (p.decomposedVolume2, p.inputVolume2))
-                 if node is not None and source is not None]
-        if not pairs:
-            raise ValueError(_("Decompose first (or select decomposed volumes) and select both inputs."))
-        nodes = []
-        with self._allOrNothing() as created:
-            for decomposedNode, sourceNode in pairs:
-                difference = difference_volume(self.volumeFromNode(decomposedNode), self.volumeFromNode(sourceNode))
-                node = self.addVolumeNode(difference, support.difference_volume_name(
-                    decomposedNode.GetName(), sourceNode.GetName()), created, support.provenance_attributes(
-                    "difference", inputs=(decomposedNode.GetName(), sourceNode.GetName())))
-                self.setColormap(node, support.DIFFERENCE_COLORMAP, support.symmetric_window_level(difference.array))
-                nodes.append(node)
-        return nodes
-
-    # -- batch -------------------------------------------------------------------------------
-    def prepareBatch(self, p):
-        inputDirectory, outputDirectory = str(p.batchInputDirectory), str(p.batchOutputDirectory)
-        if inputDirectory in ("", ".") or not os.path.isdir(inputDirectory):
-            raise ValueError(_("Choose an existing input folder."))
-        if outputDirectory in ("", "."):
-            raise ValueError(_("Choose an output folder."))
-        patterns = (p.batchPattern1.strip() or None, p.batchPattern2.strip() or None)
-        support.model_argument(p.modelSource, p.modelPath)
-        return {"root": inputDirectory, "output": outputDirectory,
-                "options": {"modalities": (p.batchModality1.strip(), p.batchModality2.strip()),
-                            "pattern1": patterns[0], "pattern2": patterns[1], "keep_latent": p.batchKeepLatent,
-                            "metrics": p.batchMetrics, "model": support.model_argument(p.modelSource, p.modelPath),
-                            "device": p.device, "batch_size": p.batchSize, "axis": p.axis,
-                            "normalization": p.normalization}}
-
-    def computeBatch(self, request, progress=None, isCancelled=None, log=logging.info):
-        from FusionINNLib.batch import run_batch
-
-        return run_batch(request["root"], request["output"], progress=progress, cancel=isCancelled, log=log,
-                         **request["options"])
-
-    def finishBatch(self, request, result):
-        """Load the summary TSV as a table and show it; the notes say how many cases failed."""
-        tableNode = slicer.util.loadTable(str(result.summary_path))
-        self.showTable(tableNode)
-        return [result.describe()]
-
-    # -- sample data -------------------------------------------------------------------------
-    def loadPhantomSample(self, shape=(64, 128, 128), seed=0):
-        """T1-Gd, FLAIR and tumour-label volumes of a synthetic BraTS-style case (1 mm, LPS-aligned)."""
-        from FusionINNLib.phantom import make_phantom_case
-        from FusionINNLib.volume import Volume
-
-        case = make_phantom_case(shape, seed=seed)
-        with self._allOrNothing() as created:
-            nodes = [self.addVolumeNode(Volume(case[key]), f"{PHANTOM_SAMPLE_NAME}_{label}", created,
-                                        nodeClassName=nodeClass)
-                     for key, label, nodeClass in (("t1ce", "T1ce", "vtkMRMLScalarVolumeNode"),
-                                                   ("flair", "FLAIR", "vtkMRMLScalarVolumeNode"),
-                                                   ("seg", "seg", "vtkMRMLLabelMapVolumeNode"))]
-        return nodes
-
 
 #
 # FusionINNTest
@@ -1241,8 +880,9 @@ class FusionINNLogic(ScriptedLoadableModuleLogic):
 class FusionINNTest(ScriptedLoadableModuleTest):
     """Self-tests in Slicer (Reload & Test, the Self Tests module, or ctest ``py_FusionINN``).
 
-    A small phantom is fused (latent kept), decomposed exactly and by sampling, scored against the
-    baselines, compared and differenced, all through the logic that the GUI uses.
+    The phantom sample is fused (latent kept) in the worker, decomposed exactly and by sampling,
+    scored against the baselines, compared and differenced, all through the logic the GUI uses;
+    a running fusion is cancelled and must leave no node.
     """
 
     def setUp(self):
@@ -1254,7 +894,7 @@ class FusionINNTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_FuseDecomposeScore()
         self.setUp()
-        self.test_BackgroundJobCancel()
+        self.test_WorkerJobCancel()
 
     def test_GeometryRoundTrip(self):
         """A volume with spacing, origin and an oblique direction survives node → Volume → node."""
@@ -1271,7 +911,7 @@ class FusionINNTest(ScriptedLoadableModuleTest):
         node = slicer.util.addVolumeFromArray(array, ijkToRAS=ijkToRAS, name="geometry")
         volume = logic.volumeFromNode(node)
         self.assertEqual(volume.shape, (4, 5, 6))
-        with logic._allOrNothing() as created:
+        with logic.allOrNothing() as created:
             copy = logic.addVolumeNode(volume, "geometry copy", created)
         np.testing.assert_allclose(logic.worldIJKToRAS(copy), ijkToRAS, atol=1e-9)
         np.testing.assert_array_equal(slicer.util.arrayFromVolume(copy), array)
@@ -1280,77 +920,71 @@ class FusionINNTest(ScriptedLoadableModuleTest):
     def test_FuseDecomposeScore(self):
         import numpy as np
 
-        self.delayDisplay("Fuse, decompose and score a phantom")
+        self.delayDisplay("Fuse, decompose and score the phantom in the worker")
         logic = FusionINNLogic()
         self.assertTrue(logic.ensureDependencies(askConfirmation=False))
-        t1ce, flair, seg = logic.loadPhantomSample(shape=(16, 64, 64), seed=1)
-        p = logic.getParameterNode()
-        p.inputVolume1, p.inputVolume2 = t1ce, flair
-        p.device, p.keepLatent, p.batchSize = "cpu", True, 4
+        try:
+            t1ce, flair, seg = logic.loadPhantomSample()
+            p = logic.getParameterNode()
+            p.inputVolume1, p.inputVolume2 = t1ce, flair
+            p.device, p.keepLatent, p.batchSize = "cpu", True, 4
 
-        fusedNodes = logic.fuse(p)
-        fused = fusedNodes["fused"]
-        fusedArray = slicer.util.arrayFromVolume(fused)
-        self.assertEqual(fusedArray.shape, (16, 64, 64))
-        self.assertTrue(0.0 <= float(fusedArray.min()) and float(fusedArray.max()) <= 1.0)
-        self.assertIsNotNone(fusedNodes["latent"])
-        self.assertEqual(fused.GetAttribute(support.ROLE_ATTRIBUTE), "fused")
-        self.assertTrue(fused.GetAttribute(support.ATTRIBUTE_PREFIX + "ModelSHA256") is not None)
-        self.assertIsNotNone(logic.recordOf(fused))
+            fusedNodes = logic.fuse(p)
+            fused = fusedNodes["fused"]
+            fusedArray = slicer.util.arrayFromVolume(fused)
+            self.assertEqual(fusedArray.shape, slicer.util.arrayFromVolume(t1ce).shape)
+            self.assertTrue(0.0 <= float(fusedArray.min()) and float(fusedArray.max()) <= 1.0)
+            self.assertIsNotNone(fusedNodes["latent"])
+            self.assertEqual(fused.GetAttribute(support.ROLE_ATTRIBUTE), "fused")
+            self.assertIsNotNone(logic.recordOf(fused))
 
-        p.useKeptLatent = True
-        exact = logic.decompose(p)
-        for node, source in ((exact["decomposed1"], t1ce), (exact["decomposed2"], flair)):
-            sourceArray = slicer.util.arrayFromVolume(source)
-            error = np.abs(slicer.util.arrayFromVolume(node) - sourceArray).max()
-            self.assertLess(float(error), 1e-3 * float(np.ptp(sourceArray)), "exact decomposition is not exact")
-        self.assertIsNone(exact["std1"])
+            p.useKeptLatent = True
+            exact = logic.decompose(p)
+            for node, source in ((exact["decomposed1"], t1ce), (exact["decomposed2"], flair)):
+                sourceArray = slicer.util.arrayFromVolume(source).astype(np.float64)
+                error = np.abs(slicer.util.arrayFromVolume(node) - sourceArray).max()
+                self.assertLess(float(error), 1e-3 * float(np.ptp(sourceArray)), "exact decomposition is not exact")
 
-        p.useKeptLatent, p.samples, p.seed = False, 2, 3
-        sampled = logic.decompose(p)
-        self.assertIsNotNone(sampled["std1"])
-        self.assertEqual(sampled["std1"].GetDisplayNode().GetColorNodeID(),
-                         support.OVERLAY_COLORMAPS[support.STD_COLORMAP])
+            p.useKeptLatent, p.samples, p.seed = False, 2, 3
+            sampled = logic.decompose(p)
+            self.assertIsNotNone(sampled["std1"])
 
-        p.maskVolume = seg
-        p.metricsTable = None
-        table = logic.score(p, baselines=True)["table"]
-        from FusionINNLib.metrics import FUSION_METRIC_NAMES
+            p.maskVolume = seg
+            p.metricsTable = None
+            table = logic.score(p, baselines=True)["table"]
+            header = [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())]
+            for column in ("Metric", "FusionINN", "mean", "max", "weighted", "Description"):
+                self.assertIn(column, header)
+            self.assertEqual(table.GetTable().GetColumnByName("FusionINN").GetDataTypeAsString(), "double")
 
-        self.assertGreaterEqual(table.GetNumberOfRows(), len(FUSION_METRIC_NAMES))
-        header = [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())]
-        for column in ("Metric", "FusionINN", "mean", "max", "weighted", "Description"):
-            self.assertIn(column, header)
-        self.assertEqual(table.GetTable().GetColumnByName("FusionINN").GetDataTypeAsString(), "double")
-
-        differences = logic.makeDifferenceMaps(p)
-        self.assertEqual(len(differences), 2)
-        if slicer.app.layoutManager() is not None:
-            views = logic.showCompareLayout(p)
-            self.assertEqual(len(views), 5)
+            self.assertEqual(len(logic.makeDifferenceMaps(p)), 2)
+            if slicer.app.layoutManager() is not None:
+                self.assertEqual(len(logic.showCompareLayout(p)), 5)
+        finally:
+            logic.shutdownWorker()
         self.delayDisplay("Fuse, decompose and score passed")
 
-    def test_BackgroundJobCancel(self):
-        """Cancelling a running fusion raises Cancelled in the worker and creates no node."""
+    def test_WorkerJobCancel(self):
+        """Cancelling a running fusion in the worker ends it within a second and creates no node."""
         import time
 
-        self.delayDisplay("Cancel a background fusion")
+        self.delayDisplay("Cancel a fusion in the worker")
         logic = FusionINNLogic()
         self.assertTrue(logic.ensureDependencies(askConfirmation=False))
-        t1ce, flair, _seg = logic.loadPhantomSample(shape=(32, 64, 64), seed=2)
-        p = logic.getParameterNode()
-        p.inputVolume1, p.inputVolume2, p.device, p.batchSize = t1ce, flair, "cpu", 1
-        request = logic.prepareFuse(p)
-        before = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
-
-        def work(progress, isCancelled, log):
-            return logic.computeFuse(request, progress, isCancelled, log)
-
-        job = support.BackgroundJob(work).start()
-        job.cancel()
-        self.assertTrue(job.wait(60))
-        status = job.poll()
-        self.assertTrue(status.cancelled, f"expected a cancelled job, got error={status.error!r}")
-        time.sleep(0.1)
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"), before)
+        try:
+            t1ce, flair, _seg = logic.loadPhantomSample()
+            p = logic.getParameterNode()
+            p.inputVolume1, p.inputVolume2, p.device, p.batchSize = t1ce, flair, "cpu", 1
+            before = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+            job = logic.submit("job", logic.fuseParams(logic.prepareFuse(p)))
+            time.sleep(0.2)
+            job.cancel()
+            start = time.monotonic()
+            self.assertTrue(job.wait(5))
+            self.assertLess(time.monotonic() - start, 1.0)
+            self.assertTrue(job.poll().cancelled)
+            self.assertFalse(job.folder.exists(), "the cancelled job left its temporary folder")
+            self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"), before)
+        finally:
+            logic.shutdownWorker()
         self.delayDisplay("Cancel passed")

@@ -551,6 +551,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     reporter = Reporter(getattr(args, "quiet", False))
+    # The command line owns its process: it may tune it (the allocator; never done inside Slicer).
+    from .process import allow_process_tuning
+
+    allow_process_tuning()
     try:
         return int(args.run(args, reporter) or 0)
     except KeyboardInterrupt:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .model import FusionFlow
+from .process import process_tuning_allowed
 
 PRIORS = ("normal", "zeros", "ones", "uniform")
 # On the CPU one forward pass holds at most this many (padded) pixels: batch 8 of 256x256 slices.
@@ -75,11 +76,15 @@ def tune_cpu_allocator() -> bool:
 
     Tensors above glibc's mmap threshold are mapped and unmapped on every op; each page fault is
     expensive in a VM. Serving them from the heap and not trimming it makes glibc reuse memory.
-    Harmless elsewhere; returns False where glibc's ``mallopt`` is unavailable (macOS, Windows).
+    Harmless elsewhere; returns False where glibc's ``mallopt`` is unavailable (macOS, Windows)
+    and when the process did not call :func:`FusionINNLib.process.allow_process_tuning` (then
+    nothing is changed: the library may be running inside 3D Slicer's process).
     """
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED:
         return True
+    if not process_tuning_allowed():
+        return False
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None

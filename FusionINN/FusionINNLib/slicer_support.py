@@ -195,9 +195,52 @@ def model_argument(source: str, path: Any) -> Optional[str]:
     if source == "bundled":
         return None
     text = str(path or "").strip()
-    if text in ("", "."):
+    if unset_path(text):
         raise ValueError("choose a model file (.pt): our checkpoints or the authors' inn.pt")
     return text
+
+
+def unset_path(path: Any) -> bool:
+    """True for what an empty path widget yields: ``ctkDirectoryButton.directory`` and
+    ``pathlib.Path()`` give ".", ``ctkPathLineEdit.currentPath`` gives ""."""
+    text = str(path if path is not None else "").strip()
+    return text in ("", ".")
+
+
+def parse_slice_range(text: str, count: int) -> Tuple[int, int]:
+    """``"a:b"`` (half-open, either bound optional) or ``"a"`` → (start, stop) within 0..count;
+    the same rules as :func:`FusionINNLib.explain.parse_slices`, without importing torch."""
+    text = str(text).strip()
+    try:
+        if ":" in text:
+            first, second = text.split(":", 1)
+            start = int(first) if first.strip() else 0
+            stop = int(second) if second.strip() else count
+        else:
+            start = int(text)
+            stop = start + 1
+    except ValueError:
+        raise ValueError(f"slices must look like a:b (e.g. 70:80) or a single index, got {text!r}") from None
+    if not 0 <= start < stop <= count:
+        raise ValueError(f"slice range {start}:{stop} is empty or outside 0:{count}")
+    return start, stop
+
+
+def resumable_checkpoint(output_model: Any) -> Optional[str]:
+    """``<dir>/<stem>_run/last.pt`` of a training whose output model is ``output_model``, if it exists.
+
+    A cancelled training (Slicer stops a CLI with SIGKILL) keeps the last finished epoch there
+    (:mod:`FusionINNLib.training` writes it atomically after every epoch), so it can be resumed.
+    """
+    import os
+
+    text = str(output_model or "").strip()
+    if unset_path(text):
+        return None
+    folder, name = os.path.split(text)
+    stem = name[:-3] if name.lower().endswith(".pt") else name
+    candidate = os.path.join(folder, stem + "_run", "last.pt")
+    return candidate if os.path.isfile(candidate) else None
 
 
 # -- provenance -------------------------------------------------------------------------------
@@ -277,6 +320,120 @@ def record_from_attributes(attributes: Mapping[str, Optional[str]]) -> Optional[
     if not isinstance(record, dict) or "normalization" not in record:
         raise ValueError(f"the node attribute {RECORD_ATTRIBUTE} is not a FusionINN fusion record")
     return record
+
+
+# -- the fusion record in files (Slicer <-> fusioninn) ------------------------------------------
+# The same names as FusionINNLib.pipeline (which imports torch, so they are repeated here; a test
+# checks that they agree). A fused file carries its record in its header (NRRD/MHA key) and in the
+# sidecar "<name>.fusioninn.json". Slicer reads NRRD keys into an ITK dictionary that Python cannot
+# see and its writer drops them, so the module reads the header or sidecar itself when a fused
+# file is loaded, and writes the sidecar when a fused node is saved.
+RECORD_FORMAT = "fusioninn-record"
+RECORD_FILE_KEY = "FusionINN_record"
+RECORD_SIDECAR_SUFFIX = ".fusioninn.json"
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff")
+HEADER_LIMIT = 1 << 22  # an image header is never longer than 4 MiB
+
+
+def record_sidecar_path(image_path: Any) -> str:
+    """``/d/fused.nii.gz`` → ``/d/fused.fusioninn.json`` (as :func:`FusionINNLib.pipeline.record_sidecar`)."""
+    import os
+
+    folder, name = os.path.split(str(image_path))
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return os.path.join(folder, name + RECORD_SIDECAR_SUFFIX)
+
+
+def _header_value(path: str, key: str) -> Optional[str]:
+    """The value of ``key`` in a NRRD (``key:=value``) or MetaImage (``key = value``) header."""
+    lower = path.lower()
+    if not lower.endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
+        return None
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(HEADER_LIMIT)
+    except OSError:
+        return None
+    nrrd = lower.endswith((".nrrd", ".nhdr"))
+    for raw in head.split(b"\n"):
+        line = raw.rstrip(b"\r")
+        if nrrd and not line.strip():
+            break  # a blank line ends a NRRD header
+        text = line.decode("utf-8", errors="replace")
+        if nrrd and text.startswith(key + ":="):
+            return text[len(key) + 2:].replace("\\n", "\n").replace("\\\\", "\\")
+        if not nrrd:
+            if text.startswith("ElementDataFile"):
+                break
+            name, sep, value = text.partition("=")
+            if sep and name.strip() == key:
+                return value.strip()
+    return None
+
+
+def check_record(record: Any, where: str) -> Dict[str, Any]:
+    """A fusion record as read from anywhere, checked the way :func:`FusionINNLib.pipeline.read_record` does."""
+    if not isinstance(record, dict) or record.get("format", RECORD_FORMAT) != RECORD_FORMAT:
+        raise ValueError(f"{where}: unrecognized fusion record")
+    normalization = record.get("normalization")
+    if not isinstance(normalization, list) or len(normalization) != 2 or not all(
+            isinstance(entry, dict) for entry in normalization):
+        raise ValueError(f"{where}: damaged fusion record (it needs two normalization entries)")
+    try:
+        axis = int(record.get("axis", 0))
+    except (TypeError, ValueError):
+        axis = -1
+    if axis not in (0, 1, 2):
+        raise ValueError(f"{where}: damaged fusion record (axis {record.get('axis')!r} is not 0, 1 or 2)")
+    return record
+
+
+def record_from_file(image_path: Any) -> Optional[Dict[str, Any]]:
+    """The fusion record of a fused image file: its header key, else its sidecar, else None."""
+    import os
+
+    path = str(image_path)
+    text = _header_value(path, RECORD_FILE_KEY)
+    where = path
+    if text is None:
+        sidecar = record_sidecar_path(path)
+        if os.path.isfile(sidecar):
+            try:
+                with open(sidecar, encoding="utf-8") as stream:
+                    text = stream.read()
+            except (OSError, UnicodeDecodeError) as error:
+                raise ValueError(f"{sidecar}: cannot read the fusion record ({type(error).__name__})") from None
+            where = sidecar
+    if text is None:
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError:
+        raise ValueError(f"{where}: the fusion record is not valid JSON") from None
+    return check_record(record, where)
+
+
+def write_record_sidecar(image_path: Any, record: Mapping[str, Any]) -> str:
+    """Write ``<image>.fusioninn.json`` next to a saved fused image (atomically); returns its path."""
+    from .atomic import atomic_write_text
+
+    sidecar = record_sidecar_path(image_path)
+    atomic_write_text(sidecar, json.dumps(dict(record), indent=1, default=str))
+    return sidecar
+
+
+def looks_fused(array: np.ndarray, tolerance: float = 0.01) -> bool:
+    """A fused image holds y = sigmoid(u) in [0, 1]: anything outside is certainly not one."""
+    values = np.asarray(array)
+    if values.size == 0 or values.dtype.kind not in "fiu":
+        return False
+    finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values
+    if finite.size == 0:
+        return False
+    return float(finite.min()) >= -tolerance and float(finite.max()) <= 1.0 + tolerance
 
 
 # -- metrics table ----------------------------------------------------------------------------
@@ -405,6 +562,7 @@ OVERLAY_COLORMAPS: Dict[str, str] = {
     "Grey": "vtkMRMLColorTableNodeGrey",
     "Diverging blue-red": "vtkMRMLColorTableNodeFileDivergingBlueRed.txt",
 }
+BASELINE_METHODS = ("mean", "max", "weighted")  # FusionINNLib.batch.BASELINE_METHODS (a test checks)
 STD_COLORMAP = "Inferno"           # uncertainty: perceptually uniform, dark = certain
 GUIDANCE_COLORMAP = "Viridis"
 DIFFERENCE_COLORMAP = "Diverging blue-red"  # signed: white at 0 with a symmetric window
@@ -423,14 +581,18 @@ def symmetric_window_level(array: np.ndarray, percentile: float = 99.5) -> Tuple
 
 # -- Python dependencies ----------------------------------------------------------------------
 # import name -> pip requirement. torch comes from the PyTorch extension (PyTorchUtils), numpy,
-# SimpleITK and vtk ship with Slicer; these are what FusionINNLib needs on top.
+# SimpleITK and vtk ship with Slicer; these are what FusionINNLib needs on top. (scikit-image is
+# not used by the core, so it is not installed.)
 PYTHON_REQUIREMENTS: Dict[str, str] = {
     "FrEIA": "FrEIA==0.2",
     "scipy": "scipy>=1.8",
-    "skimage": "scikit-image>=0.20",
     "pytorch_msssim": "pytorch-msssim>=1.0",
 }
-TORCH_REQUIREMENT = ">=2.0"
+# What the sample data (the generated phantom) needs: no torch.
+SAMPLE_DATA_REQUIREMENTS: Dict[str, str] = {"scipy": "scipy>=1.8"}
+# torch.serialization.safe_globals (used to load checkpoints with weights_only=True) is torch 2.5+.
+TORCH_MINIMUM = (2, 5)
+TORCH_REQUIREMENT = ">=2.5"
 
 
 def missing_requirements(is_importable: Callable[[str], bool],
@@ -438,6 +600,66 @@ def missing_requirements(is_importable: Callable[[str], bool],
     """pip requirement strings of the packages whose import name ``is_importable`` rejects."""
     table = PYTHON_REQUIREMENTS if requirements is None else requirements
     return [requirement for module, requirement in table.items() if not is_importable(module)]
+
+
+def version_tuple(text: Optional[str]) -> Optional[Tuple[int, ...]]:
+    """``"2.5.1+cu121"`` → ``(2, 5, 1)``; None for something that is not a version."""
+    if not text:
+        return None
+    numbers = []
+    for part in str(text).split("+")[0].split("."):
+        digits = ""
+        for char in part:
+            if not char.isdigit():
+                break
+            digits += char
+        if not digits:
+            break
+        numbers.append(int(digits))
+        if digits != part:
+            break
+    return tuple(numbers) if numbers else None
+
+
+def torch_too_old(installed_version: Optional[str], minimum: Tuple[int, ...] = TORCH_MINIMUM) -> bool:
+    """True when an installed torch is older than FusionINN needs (unknown versions are not refused)."""
+    version = version_tuple(installed_version)
+    return version is not None and version[:len(minimum)] < tuple(minimum)
+
+
+def installed_version(distribution: str) -> Optional[str]:
+    """The installed version of a distribution without importing it (importing torch takes seconds)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover - Python < 3.8
+        return None
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
+
+
+# -- GUI connection (parameter node wrapper) ---------------------------------------------------
+PARAMETER_NAME_PROPERTY = "SlicerParameterName"
+
+
+def gui_parameter_mapping(widgets: Mapping[str, Any], get_property: Callable[[Any, str], Any]) -> Dict[str, Any]:
+    """``{parameter name: widget}`` for the widgets that carry a ``SlicerParameterName`` property.
+
+    What ``parameterNodeWrapper.connectGui`` builds, computed here so that the module can call
+    ``connectParametersToGui`` instead: on Slicer 5.8 ``connectGui`` returns None (its tag is lost,
+    so ``disconnectGui`` cannot undo it), while ``connectParametersToGui`` returns the tag on 5.8 and
+    later.
+    """
+    mapping: Dict[str, Any] = {}
+    for widget in widgets.values():
+        try:
+            name = get_property(widget, PARAMETER_NAME_PROPERTY)
+        except (AttributeError, TypeError):
+            continue
+        if name:
+            mapping[str(name)] = widget
+    return mapping
 
 
 # -- background work --------------------------------------------------------------------------
