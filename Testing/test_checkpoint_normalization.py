@@ -117,12 +117,27 @@ def test_round_trip_is_lossless(mode, dtype):
 def test_robust_volume_mode_does_not_clip():
     data = np.zeros((2, 50, 50), np.float32)
     data[:, 10:40, 10:40] = np.linspace(1, 100, 900).reshape(30, 30)
-    data[0, 20, 20] = 10_000  # one hot voxel, e.g. enhancing tumour
+    data[0, 20, 20] = 400  # one hot voxel, e.g. enhancing tumour
     normalized, params = normalize_volume(data, "volume")
-    assert normalized.max() > 50  # kept its offset, not clipped to 1
-    assert np.isclose(denormalize_volume(normalized, params)[0, 20, 20], 10_000, rtol=1e-6)
+    assert normalized.max() > 3.5 and params.note == ""  # kept its offset, not clipped to 1
+    assert np.isclose(denormalize_volume(normalized, params)[0, 20, 20], 400, rtol=1e-6)
     foreground = normalized[:, 10:40, 10:40]
     assert 0 <= np.percentile(foreground, 1) < 0.05 and 0.95 < np.percentile(foreground, 99) < 1.05
+
+
+def test_far_outliers_fall_back_to_min_max_so_the_flow_inverts():
+    """A voxel 100x brighter than the foreground span would sit at 100 in normalized units, where
+    the flow no longer inverts in float32 (issue 13): min-max instead, with a note."""
+    data = np.zeros((2, 50, 50), np.float32)
+    data[:, 10:40, 10:40] = np.linspace(1, 100, 900).reshape(30, 30)
+    data[0, 20, 20] = 10_000
+    normalized, params = normalize_volume(data, "volume")
+    assert 0.0 <= normalized.min() and normalized.max() <= 1.0
+    assert params.offset == [0.0] and params.scale == [10_000.0] and "min-max" in params.note
+    assert (params.minimum, params.maximum) == (0.0, 10_000.0)
+    assert np.isclose(denormalize_volume(normalized, params)[0, 20, 20], 10_000, rtol=1e-6)
+    again = NormalizationParams.from_dict(params.to_dict())
+    assert again == params
 
 
 def test_z_scored_background_is_detected():

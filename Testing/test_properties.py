@@ -29,6 +29,7 @@ from FusionINNLib.engine import SliceEngine
 from FusionINNLib.metrics import fusion_metrics
 from FusionINNLib.model import FusionFlow, FusionINNConfig
 from FusionINNLib.normalization import (
+    NORMALIZED_LIMIT,
     NormalizationParams,
     background_value,
     denormalize_volume,
@@ -99,6 +100,11 @@ def test_volume_mode_maps_the_robust_percentiles_to_0_and_1(array):
     if not mask.any():
         mask[:] = True
     low, high = np.percentile(values[mask], [0.5, 99.5])
+    if params.note:  # values far outside the percentile range: min-max, so the flow inverts (issue 13)
+        span = max(high - low, 0.0) or 1.0
+        assert (values.min() - low) / span < -NORMALIZED_LIMIT or (values.max() - low) / span > 1 + NORMALIZED_LIMIT
+        assert params.offset[0] == values.min() and 0.0 <= normalized.min() and normalized.max() <= 1.0
+        return
     assert params.offset[0] == pytest.approx(low, rel=1e-12, abs=1e-300)
     if high > low:
         assert params.scale[0] == pytest.approx(high - low, rel=1e-9)

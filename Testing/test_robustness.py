@@ -927,3 +927,400 @@ def test_batch_over_a_folder_without_cases_is_one_line(tmp_path, model_path, cap
                                    model_path, "--quiet")
     assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "no case" in err and "empty" in err
+
+
+# -- issue 13: every exit 0 is a correct result ---------------------------------------------------
+def _fuse_cli(capfd, folder: Path, in1: Path, in2: Path, model: Path, latent: bool = True, name: str = "f"):
+    args = ["fuse", in1, in2, "-o", folder / f"{name}.nrrd", "--model", model, "--device", "cpu", "--quiet"]
+    if latent:
+        args += ["--latent", folder / f"{name}_z.nrrd"]
+    code, out, err = run_inprocess(capfd, *args)
+    assert code == 0, err
+    return folder / f"{name}.nrrd", folder / f"{name}_z.nrrd"
+
+
+def test_sampled_estimates_next_to_saturated_voxels_are_clamped_and_counted(tmp_path, model_path, capfd):
+    """Item 1: fused voxels at exactly 0 or 1 (saturated) send the sampled inverse to values far
+    outside the source (-1.1e4 for a source of 0..698 with this model): clamped, with a warning."""
+    t1 = write_image(tmp_path / "t1.nrrd", brain(dtype=np.int16))
+    flair = write_image(tmp_path / "flair.nrrd", brain(seed=1, scale=300.0))
+    fused, _ = _fuse_cli(capfd, tmp_path, t1, flair, model_path, latent=False)
+    image = sitk.ReadImage(str(fused))
+    array = sitk.GetArrayFromImage(image)
+    array[:, 2:6, 2:8], array[:, 12:16, 2:8] = 1.0, 0.0  # saturated, as next to hot voxels
+    saturated = sitk.GetImageFromArray(array)
+    for key in image.GetMetaDataKeys():
+        saturated.SetMetaData(key, image.GetMetaData(key))
+    sitk.WriteImage(saturated, str(fused))
+    code, out, err = run_inprocess(capfd, "decompose", fused, "--output1", tmp_path / "e1.nrrd", "--output2",
+                                   tmp_path / "e2.nrrd", "--samples", "2", "--std1", tmp_path / "s1.nrrd", "--std2",
+                                   tmp_path / "s2.nrrd", "--model", model_path, "--device", "cpu")
+    assert code == 0, err
+    assert "clamped" in err and "impossible values" in err and "--latent" in err
+    for output, source in (("e1.nrrd", t1), ("e2.nrrd", flair)):
+        estimate, original = read_volume(tmp_path / output).array, read_volume(source).array
+        assert original.min() <= estimate.min() and estimate.max() <= original.max() + 1e-3
+    for output, source in (("s1.nrrd", t1), ("s2.nrrd", flair)):
+        span = float(np.ptp(read_volume(source).array))
+        assert np.isfinite(read_volume(tmp_path / output).array).all()
+        assert read_volume(tmp_path / output).array.max() <= span / 2 + 1e-3
+    record = read_record(fused, read_volume(fused))
+    params = record["normalization"][0]
+    assert (params["minimum"], params["maximum"]) == (float(read_volume(t1).array.min()),
+                                                      float(read_volume(t1).array.max()))
+
+
+def _two_batch_cases(root: Path) -> None:
+    for number, seed in (("00001", 0), ("00002", 5)):
+        folder = root / f"BraTS2021_{number}"
+        folder.mkdir(parents=True)
+        write_image(folder / f"BraTS2021_{number}_t1ce.nii.gz", brain(seed=seed, dtype=np.int16))
+        write_image(folder / f"BraTS2021_{number}_flair.nii.gz", brain(seed=seed + 1, scale=300.0))
+
+
+def test_batch_nifti_latents_refuse_another_case_and_invert_their_own_bit_exactly(tmp_path, model_path, capfd):
+    """Item 2: batch writes .nii.gz latents (no header for a fingerprint); the fused record names
+    its latent's SHA-256, so case 1 decomposed with case 2's same-shaped latent is refused."""
+    root, out = tmp_path / "cases", tmp_path / "out"
+    _two_batch_cases(root)
+    code, _, err = run_inprocess(capfd, "batch", root, "--output", out, "--latent", "--model", model_path,
+                                 "--device", "cpu", "--quiet")
+    assert code == 0, err
+    fused1 = next(out.glob("*00001_fused.nii.gz"))
+    latent1, latent2 = next(out.glob("*00001_latent.nii.gz")), next(out.glob("*00002_latent.nii.gz"))
+    before = snapshot(tmp_path)
+    code, stdout, err = run_inprocess(capfd, "decompose", fused1, "--output1", tmp_path / "a.nrrd", "--output2",
+                                      tmp_path / "b.nrrd", "--latent", latent2, "--model", model_path)
+    assert_one_line_error(code, stdout, err, "decompose", (latent2.name, "does not belong to this fused volume"))
+    assert snapshot(tmp_path) == before
+    code, _, err = run_inprocess(capfd, "decompose", fused1, "--output1", tmp_path / "a.nrrd", "--output2",
+                                 tmp_path / "b.nrrd", "--latent", latent1, "--model", model_path, "--quiet")
+    assert code == 0, err
+    source = read_volume(root / "BraTS2021_00001" / "BraTS2021_00001_t1ce.nii.gz").array
+    restored = read_volume(tmp_path / "a.nrrd").array
+    assert restored.dtype == np.int16 and np.array_equal(restored, source)
+
+
+def _near_degenerate(seed: int) -> np.ndarray:
+    array = np.zeros(SHAPE, np.uint16)
+    array[:, 4:16, 4:20] = 65535 - seed
+    array[:, 8:12, 8:12] = 65534 + seed
+    return array
+
+
+def test_near_degenerate_uint16_normalization_round_trips_bit_exactly(tmp_path, model_path, capfd):
+    """Item 3: a foreground of 65535/65534 on 0 had percentiles 65534..65535 (scale 1, the
+    background at -65534 where the flow does not invert: errors 0.96 and 1.67 before). Now the
+    volume falls back to min-max, says so, and the round trip is exact."""
+    in1 = write_image(tmp_path / "u1.nrrd", _near_degenerate(0))
+    in2 = write_image(tmp_path / "u2.nrrd", _near_degenerate(1))
+    fused, latent = _fuse_cli(capfd, tmp_path, in1, in2, model_path)
+    notes = read_record(fused, read_volume(fused))["notes"]
+    assert sum("normalized by min-max instead" in note for note in notes) == 2, notes
+    code, _, err = run_inprocess(capfd, "decompose", fused, "--output1", tmp_path / "d1.nrrd", "--output2",
+                                 tmp_path / "d2.nrrd", "--latent", latent, "--model", model_path, "--quiet")
+    assert code == 0, err
+    for source, restored in ((in1, "d1.nrrd"), (in2, "d2.nrrd")):
+        back = read_volume(tmp_path / restored).array
+        assert back.dtype == np.uint16 and np.array_equal(back, read_volume(source).array)
+
+
+def test_a_model_with_nan_weights_is_refused_everywhere(tmp_path, capfd):
+    """Item 4: NaN weights wrote an all-NaN fused NRRD with exit 0; refused at load, by fuse,
+    decompose, batch and the training CLI's --init-model."""
+    from FusionINNLib.checkpoint import CheckpointError, load_checkpoint
+
+    flow = FusionFlow(seed=3)
+    with torch.no_grad():
+        next(p for p in flow.parameters() if p.is_floating_point()).fill_(float("nan"))
+    model = save_checkpoint(tmp_path / "nan.pt", flow)
+    with pytest.raises(CheckpointError, match="NaN/Inf"):
+        load_checkpoint(model)
+    in1, in2 = _pair(brain())(tmp_path)
+    before = snapshot(tmp_path)
+    code, out, err = run_inprocess(capfd, "fuse", in1, in2, "-o", tmp_path / "f.nrrd", "--model", model)
+    assert_one_line_error(code, out, err, "fuse", ("nan.pt", "NaN/Inf", "diverged"))
+    assert snapshot(tmp_path) == before
+    root = tmp_path / "cases"
+    _two_batch_cases(root)
+    code, out, err = run_inprocess(capfd, "batch", root, "-o", tmp_path / "out", "--model", model, "--quiet")
+    assert_one_line_error(code, out, err, "batch", ("nan.pt", "NaN/Inf"))
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*fused*"))
+
+
+def test_a_network_that_outputs_nan_writes_nothing(tmp_path, model_path, monkeypatch):
+    """Item 4, second guard: outputs are checked before writing, whatever made them NaN."""
+    in1, in2 = _pair(brain())(tmp_path)
+    before = snapshot(tmp_path)
+    real_fuse = SliceEngine.fuse
+
+    def nan_fuse(self, *args, **kwargs):
+        result = real_fuse(self, *args, **kwargs)
+        result.fused[0, 0, 0] = np.nan
+        return result
+
+    monkeypatch.setattr(SliceEngine, "fuse", nan_fuse)
+    with pytest.raises(ValueError, match="produced NaN/Inf values"):
+        fuse_files(in1, in2, tmp_path / "f.nrrd", model=model_path, device="cpu", log=lambda m: None)
+    assert snapshot(tmp_path) == before
+
+
+def test_sigterm_while_writing_removes_the_temporary_files(tmp_path, model_path, capfd, monkeypatch):
+    """Item 5: SIGTERM arrives after the first output file was written to its temporary sibling
+    (the real signal, to this process, with the real handler the CLI installs)."""
+    import signal
+
+    from FusionINNLib.volume import OutputSet
+
+    in1, in2 = _pair(brain())(tmp_path)
+    before = snapshot(tmp_path)
+    real_add = OutputSet.add_file
+
+    def add_then_terminate(self, write, path):
+        real_add(self, write, path)
+        assert any(p.name.startswith(".") for p in tmp_path.iterdir())  # a temporary file is there now
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(OutputSet, "add_file", add_then_terminate)
+    code, out, err = run_inprocess(capfd, "fuse", in1, in2, "-o", tmp_path / "f.nrrd", "--latent",
+                                   tmp_path / "z.nrrd", "--model", model_path, "--device", "cpu", "--quiet")
+    assert code == 143 and out == ""
+    assert err.strip().splitlines() == ["fusioninn fuse: terminated (SIGTERM); no output written"]
+    assert snapshot(tmp_path) == before  # no hidden temporary file, no output
+    assert signal.getsignal(signal.SIGTERM) is not None  # the handler was put back
+
+
+def test_sigterm_to_the_real_command_mid_run(tmp_path, model_path):
+    """Item 5 through a real process: SIGTERM while the network runs; exit 143, one line, no
+    output, no temporary file (before: killed silently, 21 MB of hidden files on a real case)."""
+    import signal
+    import time
+
+    in1 = write_image(tmp_path / "in1.nrrd", brain((48, 64, 64)))
+    in2 = write_image(tmp_path / "in2.nrrd", brain((48, 64, 64), seed=1))
+    before = snapshot(tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(REPO / "FusionINN"), OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, "-m", "FusionINNLib.cli", "fuse", str(in1), str(in2), "-o",
+                                str(tmp_path / "f.nrrd"), "--latent", str(tmp_path / "z.nrrd"), "--model",
+                                str(model_path), "--device", "cpu", "--batch-size", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    seen = b""
+    deadline = time.monotonic() + 120
+    while b"fuse:" not in seen and time.monotonic() < deadline:  # the progress bar: the network runs
+        seen += process.stderr.read1(256)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    lines = (seen + err).decode().replace("\r", "\n").strip().splitlines()
+    assert process.returncode == 143, lines
+    assert lines[-1] == "fusioninn fuse: terminated (SIGTERM); no output written"
+    assert out == b"" and "Traceback" not in "\n".join(lines)
+    assert snapshot(tmp_path) == before
+
+
+def test_likely_mistakes_warn_with_what_was_detected(tmp_path, model_path, capfd):
+    """Item 6: a label map, the same file twice, a constant input: fused (a correct result of
+    what was given) with one warning line each, also kept in the record."""
+    seg = np.zeros(SHAPE, np.uint8)
+    seg[:, 5:10, 5:10], seg[:, 12:15, 5:10], seg[:, 5:10, 12:18] = 1, 2, 4
+    seg_path = write_image(tmp_path / "seg.nii.gz", seg)
+    t1 = write_image(tmp_path / "t1.nii.gz", brain(dtype=np.int16))
+    constant = write_image(tmp_path / "const.nii.gz", np.full(SHAPE, 7, np.int16))
+    cases = [((t1, seg_path), ("seg.nii.gz looks like a label map", "4 distinct integer values: 0, 1, 2, 4")),
+             ((t1, t1), ("t1.nii.gz and", "are the same file")),
+             ((constant, t1), ("const.nii.gz is constant (every voxel 7)",))]
+    for number, ((in1, in2), needles) in enumerate(cases):
+        output = tmp_path / f"f{number}.nrrd"
+        code, out, err = run_inprocess(capfd, "fuse", in1, in2, "-o", output, "--model", model_path, "--device",
+                                       "cpu")
+        assert code == 0, err
+        warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+        assert len(warnings) == 1 and all(n in warnings[0] for n in needles), err
+        assert "fused anyway" in warnings[0]
+        assert warnings[0] in read_record(output, read_volume(output))["notes"]
+    code, out, err = run_inprocess(capfd, "fuse", t1, write_image(tmp_path / "t2.nii.gz", brain(seed=4)), "-o",
+                                   tmp_path / "clean.nrrd", "--model", model_path, "--device", "cpu")
+    assert code == 0 and "warning" not in err  # ordinary inputs: no warning
+
+
+def test_pngs_of_different_sizes_are_refused(tmp_path, model_path, capfd):
+    """Item 6: PNGs carry no geometry: 'resampling' one onto the other placed pixels by a guess."""
+    in1 = write_image(tmp_path / "p1.png", _noise_2d_uint8())
+    in2 = write_image(tmp_path / "p2.png", (np.random.default_rng(2).random((30, 40)) * 255).astype(np.uint8))
+    before = snapshot(tmp_path)
+    code, out, err = run_inprocess(capfd, "fuse", in1, in2, "-o", tmp_path / "f.png", "--model", model_path)
+    assert_one_line_error(code, out, err, "fuse", ("p1.png (20 x 24)", "p2.png (30 x 40)", "differ in size",
+                                                   "no position or spacing"))
+    assert snapshot(tmp_path) == before
+
+
+def test_metrics_with_the_fused_image_first_is_refused_unless_as_given(tmp_path, fused_set, capfd):
+    """Item 6: 'metrics FUSED IN1 IN2' scored the wrong images silently."""
+    _copy_fused(fused_set, tmp_path, ("f.nii.gz", "f.fusioninn.json", "t1.nii.gz", "flair.nii.gz"))
+    code, out, err = run_inprocess(capfd, "metrics", tmp_path / "f.nii.gz", tmp_path / "t1.nii.gz",
+                                   tmp_path / "flair.nii.gz")
+    assert_one_line_error(code, out, err, "metrics", ("f.nii.gz is a fused image", "INPUT1 INPUT2 FUSED",
+                                                      "--as-given"), expected_code=2)
+    code, out, err = run_inprocess(capfd, "metrics", tmp_path / "f.nii.gz", tmp_path / "t1.nii.gz",
+                                   tmp_path / "flair.nii.gz", "--as-given")
+    assert code == 0 and "Q_SSIM" in out
+    code, out, err = run_inprocess(capfd, "metrics", tmp_path / "t1.nii.gz", tmp_path / "flair.nii.gz",
+                                   tmp_path / "f.nii.gz")
+    assert code == 0 and "Q_SSIM" in out
+
+
+def test_decompose_uses_the_model_recorded_by_fuse(tmp_path, model_path, capfd, monkeypatch):
+    """Item 7: the README workflow 'fuse --model M', then 'decompose' without --model, from
+    another folder: the recorded model (found by path, verified by SHA-256) is used."""
+    shutil.copy(model_path, tmp_path / "mine.pt")
+    monkeypatch.chdir(tmp_path)
+    t1 = write_image(tmp_path / "t1.nii.gz", brain(dtype=np.int16))
+    flair = write_image(tmp_path / "flair.nii.gz", brain(seed=1, scale=300.0))
+    code, _, err = run_inprocess(capfd, "fuse", "t1.nii.gz", "flair.nii.gz", "-o", "f.nrrd", "--latent", "z.nrrd",
+                                 "--model", "mine.pt", "--device", "cpu", "--quiet")
+    assert code == 0, err
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, _, err = run_inprocess(capfd, "decompose", "../f.nrrd", "--output1", "a.nrrd", "--output2", "b.nrrd",
+                                 "--latent", "../z.nrrd", "--device", "cpu")
+    assert code == 0, err
+    assert "decomposing with the model recorded at fusion" in err and "mine.pt" in err
+    assert np.array_equal(read_volume("a.nrrd").array, read_volume(t1).array)
+    assert np.abs(read_volume("b.nrrd").array - read_volume(flair).array).max() <= 1e-4 * 300
+    (tmp_path / "mine.pt").write_bytes(save_checkpoint(tmp_path / "other.pt", FusionFlow(seed=8)).read_bytes())
+    code, out, err = run_inprocess(capfd, "decompose", "../f.nrrd", "--output1", "c.nrrd", "--output2", "d.nrrd",
+                                   "--device", "cpu")
+    assert_one_line_error(code, out, err, "decompose", ("made with model", "--model"))  # changed file: not used
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16, np.int32])
+def test_exact_decomposition_returns_integer_sources_bit_exactly(dtype, tmp_path, model_path, capfd):
+    """Item 9: int16 came back as float32 (-0.00048, 1791.998); now the source's type, bit-exact,
+    unless --float-output."""
+    source = (brain(scale=float(min(np.iinfo(dtype).max, 1800)))).astype(dtype)
+    in1 = write_image(tmp_path / "in1.nii.gz", source)
+    in2 = write_image(tmp_path / "in2.nii.gz", brain(seed=1, scale=300.0))
+    fused, latent = _fuse_cli(capfd, tmp_path, in1, in2, model_path)
+    code, _, err = run_inprocess(capfd, "decompose", fused, "--output1", tmp_path / "a.nii.gz", "--output2",
+                                 tmp_path / "b.nii.gz", "--latent", latent, "--model", model_path, "--quiet")
+    assert code == 0, err
+    back = read_volume(tmp_path / "a.nii.gz").array
+    assert back.dtype == np.dtype(dtype) and np.array_equal(back, source)
+    assert read_volume(tmp_path / "b.nii.gz").array.dtype == np.float32  # a float source stays float
+    code, _, err = run_inprocess(capfd, "decompose", fused, "--output1", tmp_path / "c.nii.gz", "--output2",
+                                 tmp_path / "d.nii.gz", "--latent", latent, "--model", model_path, "--quiet",
+                                 "--float-output")
+    assert code == 0 and read_volume(tmp_path / "c.nii.gz").array.dtype == np.float32
+
+
+def test_full_range_int32_stays_float_with_a_note(tmp_path, model_path):
+    """Item 9: 32 bits do not survive a float32 network: float32 output and a note, never a
+    wrongly rounded integer image."""
+    from FusionINNLib.checkpoint import load_checkpoint
+    from FusionINNLib.pipeline import decompose_volume, fuse_volumes
+
+    model = load_checkpoint(model_path)
+    fused = fuse_volumes(Volume(_full_range(np.int32)), Volume(brain()), model, device="cpu", keep_latent=True,
+                         log=lambda m: None)
+    result = decompose_volume(fused.fused, fused.record, model, latent=fused.latent, device="cpu", log=lambda m: None)
+    assert result.source1.array.dtype == np.float32
+    assert any("written as float32, not int32" in note for note in result.notes)
+
+
+def test_empty_mask_is_refused(tmp_path, fused_set, capfd):
+    """Item 10: an empty mask printed a table of NaN (and a MetricWarning with a source line)."""
+    _copy_fused(fused_set, tmp_path, ("f.nii.gz", "t1.nii.gz", "flair.nii.gz"))
+    write_image(tmp_path / "mask.nii.gz", np.zeros(SHAPE, np.uint8))
+    code, out, err = run_inprocess(capfd, "metrics", tmp_path / "t1.nii.gz", tmp_path / "flair.nii.gz",
+                                   tmp_path / "f.nii.gz", "--mask", tmp_path / "mask.nii.gz")
+    assert_one_line_error(code, out, err, "metrics", ("mask is empty",))
+    assert "nan" not in out.lower()
+
+
+# -- item 8: messages in one line, in words -------------------------------------------------------
+@pytest.mark.parametrize("output", ["", ".", "sub/.."])
+def test_empty_output_name_is_refused_in_words(output, tmp_path, model_path, capfd):
+    in1, in2 = _pair(brain())(tmp_path)
+    (tmp_path / "sub").mkdir()
+    before = snapshot(tmp_path)
+    code, out, err = run_inprocess(capfd, "fuse", in1, in2, "-o", output, "--model", model_path)
+    assert_one_line_error(code, out, err, "fuse", ("output file name is empty",))
+    assert "PosixPath" not in err and snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"hello, this is a text file\n", "the file holds something else"),
+    (None, "damaged or truncated file"),  # random bytes after a zip header
+    (b"", "the file is empty"),
+])
+def test_unreadable_checkpoints_say_why_in_words(content, needle, tmp_path, capfd):
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"PK\x03\x04" + np.random.default_rng(0).bytes(3000) if content is None else content)
+    in1, in2 = _pair(brain())(tmp_path)
+    code, out, err = run_inprocess(capfd, "fuse", in1, in2, "-o", tmp_path / "f.nrrd", "--model", path)
+    assert_one_line_error(code, out, err, "fuse", ("model.pt: not a readable PyTorch checkpoint", needle))
+    assert "weights_only" not in err and "(101)" not in err and len(err) < 200
+
+
+def _tmpfs(folder: Path, options: str) -> Path:
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root with CAP_SYS_ADMIN)")
+    return folder
+
+
+def test_a_full_disk_says_no_space_left(tmp_path, model_path, capfd):
+    """Item 8: ITK's text ('... ITK ERROR: NrrdImageIO(0x55...): Write: Error writing /tmp/...',
+    cut at 200 characters) never said why; a real 200 KB file system, filled by the fused image."""
+    full = _tmpfs(tmp_path / "full", "size=200k")
+    try:
+        in1 = write_image(tmp_path / "in1.nrrd", brain((40, 64, 64)))
+        in2 = write_image(tmp_path / "in2.nrrd", brain((40, 64, 64), seed=1))
+        code, out, err = run_inprocess(capfd, "fuse", in1, in2, "-o", full / "f.nrrd", "--latent", full / "z.nrrd",
+                                       "--model", model_path, "--device", "cpu", "--quiet")
+        assert_one_line_error(code, out, err, "fuse", ("no space left on device",))
+        assert "ITK ERROR" not in err and "0x" not in err
+        assert list(full.iterdir()) == []  # no half-written or temporary file
+    finally:
+        subprocess.run(["umount", str(full)], check=False)
+
+
+def test_a_read_only_folder_is_worded_without_errno(tmp_path, capfd):
+    """Item 8: 'fusioninn demo: error: [Errno 30] Read-only file system: ...'."""
+    read_only = _tmpfs(tmp_path / "ro", "size=1m,ro")
+    try:
+        code, out, err = run_inprocess(capfd, "demo", "--output", read_only / "demo", "--quiet")
+        assert_one_line_error(code, out, err, "demo", ("read-only file system",))
+        assert "Errno" not in err
+    finally:
+        subprocess.run(["umount", str(read_only)], check=False)
+
+
+def test_usage_errors_exit_2_in_one_line(tmp_path, fused_set, capfd):
+    """Item 8: options that do not go together are usage errors (exit 2, as the README says)."""
+    _copy_fused(fused_set, tmp_path)
+    code, out, err = run_inprocess(capfd, "decompose", tmp_path / "f.nii.gz", "--output1", tmp_path / "a.nrrd",
+                                   "--output2", tmp_path / "b.nrrd", "--samples", "1", "--std1", tmp_path / "s1.nrrd",
+                                   "--std2", tmp_path / "s2.nrrd")
+    assert_one_line_error(code, out, err, "decompose", ("standard-deviation maps need --samples 2",),
+                          expected_code=2)
+    code, out, err = run_inprocess(capfd, "batch", tmp_path, "-o", tmp_path / "out", "--pattern1", "*_t1.nii.gz")
+    assert_one_line_error(code, out, err, "batch", ("--pattern1 and --pattern2",), expected_code=2)
+
+
+def test_metric_warnings_never_show_python_source_lines(tmp_path, capfd):
+    """Item 8: 'cli.py:258: MetricWarning: ...' followed by the source line; warnings that reach
+    the user are one line each."""
+    for name, seed in (("a.png", 0), ("b.png", 1), ("f.png", 2)):
+        write_image(tmp_path / name, (np.random.default_rng(seed).random((12, 12)) * 255).astype(np.uint8))
+    code, out, err = run_inprocess(capfd, "metrics", tmp_path / "a.png", tmp_path / "b.png", tmp_path / "f.png")
+    assert code == 0, err
+    assert "MetricWarning" not in err and ".py:" not in err and "warnings.warn" not in err
+    import warnings
+
+    from FusionINNLib.cli import _warning_line
+
+    assert _warning_line("a\nb", UserWarning, "x.py", 3) == "warning: a b\n"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert warnings.formatwarning is not _warning_line  # main() put the formatter back

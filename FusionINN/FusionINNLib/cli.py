@@ -21,6 +21,9 @@ class Reporter:
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
+        # a bar is being drawn or was left without its closing newline (a signal can interrupt
+        # tqdm half-way through drawing): a message printed now must start on a new line
+        self.open_line = False
 
     def log(self, message: str) -> None:
         if not self.quiet:
@@ -38,6 +41,7 @@ class Reporter:
         bars = []
 
         def update(fraction: float) -> None:
+            self.open_line = True
             if not bars:
                 bars.append(tqdm(total=1000, desc=description, file=sys.stderr, leave=True,
                                  bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]"))
@@ -50,6 +54,8 @@ class Reporter:
         finally:
             for bar in bars:
                 bar.close()
+            if bars:
+                self.open_line = False
 
 
 def _positive_int(text: str) -> int:
@@ -141,6 +147,9 @@ def _add_decompose(sub) -> None:
     p.add_argument("--std2", metavar="S2", help="per-voxel standard deviation of source 2")
     p.add_argument("--ignore-model-mismatch", action="store_true",
                    help="decompose even if the fused image was made with another model")
+    p.add_argument("--float-output", action="store_true",
+                   help="write float32 volumes even where the exact decomposition returns an integer source in its "
+                        "own type (default: the source's type when exact, float32 otherwise)")
     _add_model_device(p)
     _add_common(p)
     p.set_defaults(run=_run_decompose)
@@ -229,6 +238,9 @@ def _add_metrics(sub) -> None:
                         "8-bit quantisation) instead of the intended full-image definitions")
     p.add_argument("--data-range", type=float, metavar="R", help="override the intensity range (images in [0, R])")
     p.add_argument("--json", action="store_true", help="print JSON (summary, per-slice values, notes) on stdout")
+    p.add_argument("--as-given", action="store_true",
+                   help="score even when INPUT1 or INPUT2 is a fused image (has a fusion record) and FUSED is not; "
+                        "by default that order is refused as a mix-up")
     _add_common(p)
     p.set_defaults(run=_run_metrics)
 
@@ -240,6 +252,10 @@ def _run_metrics(args, reporter: Reporter) -> int:
 
     from .jobs import ScoreRequest, run_score
 
+    if not args.as_given:
+        from .pipeline import check_metrics_order
+
+        check_metrics_order(args.input1, args.input2, args.fused)
     report = run_score(ScoreRequest(args.input1, args.input2, args.fused, mask=args.mask,
                                     paper_compatible=args.paper_compatible, data_range=args.data_range))
     result = report.fusion
@@ -547,6 +563,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM (``timeout``, a cluster scheduler) as an exception: like Ctrl-C it unwinds through
+    the all-or-nothing writers, which remove their temporary files, instead of killing the process
+    with the files in place."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+# What is left on disk when a command is stopped half-way.
+STOPPED = {
+    "batch": "the cases finished before are kept and listed in the summary",
+    "train": "the last complete epoch is kept in the run folder's last.pt (continue with --resume)",
+}
+
+
+def _one_line(error: BaseException) -> str:
+    """The error as one line. An OSError from the system says "[Errno 30] Read-only file system:
+    'x'"; it reads "x: read-only file system" like every other message."""
+    if isinstance(error, OSError) and error.strerror and error.errno is not None:
+        reason = error.strerror[:1].lower() + error.strerror[1:]
+        message = f"{error.filename}: {reason}" if error.filename is not None else reason
+    else:
+        message = str(error)
+    return " ".join(message.split()) or type(error).__name__
+
+
+def _is_usage_error(error: BaseException) -> bool:
+    from .volume import UsageError
+
+    return isinstance(error, UsageError) or getattr(error, "KIND", None) == "option"
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> str:
+    # warnings that reach the user: one line, no Python source file and line
+    return f"warning: {' '.join(str(message).split())}\n"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -555,17 +610,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .process import allow_process_tuning
 
     allow_process_tuning()
+    import signal
+    import warnings
+
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (an embedding application): leave signals alone
+        previous = None
+    format_warning, warnings.formatwarning = warnings.formatwarning, _warning_line
     try:
         return int(args.run(args, reporter) or 0)
-    except KeyboardInterrupt:
-        print("fusioninn: interrupted; no output written", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as stop:
+        what = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+        print(("\n" if reporter.open_line else "")
+              + f"fusioninn {args.command}: {what}; {STOPPED.get(args.command, 'no output written')}", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
     except Exception as error:  # noqa: BLE001 - the CLI's one place that turns errors into a line
         if getattr(args, "debug", False):
             raise
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"fusioninn {args.command}: error: {message}", file=sys.stderr)
-        return 1
+        print(("\n" if reporter.open_line else "") + f"fusioninn {args.command}: error: {_one_line(error)}",
+              file=sys.stderr)
+        return 2 if _is_usage_error(error) else 1
+    finally:
+        warnings.formatwarning = format_warning
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def print_json(data) -> None:

@@ -72,7 +72,7 @@ from .checkpoint import LoadedModel, resolve_model
 from .engine import CancelCheck, Cancelled, ProgressCallback, padded_size, select_device, tune_cpu_allocator
 from .model import FusionFlow
 from .normalization import normalize_volume
-from .volume import OutputSet, Volume, VolumeError
+from .volume import OutputSet, UsageError, Volume, VolumeError
 
 TARGETS = ("fused", "logit")
 # Spacing of the approximate mode: 144 instead of 256 lattices (1.8x faster). Measured on the
@@ -802,11 +802,11 @@ def explain_files(input1: Any, input2: Any, guidance1: Any, guidance2: Any, *, r
     from .volume import read_volume
 
     if (jacobian1 is None) != (jacobian2 is None):
-        raise ValueError("give both --jacobian1 and --jacobian2, or neither")
+        raise UsageError("give both --jacobian1 and --jacobian2, or neither")
     if jacobian1 is not None and point_ijk is None:
-        raise ValueError("Jacobian images need --point i,j,k")
+        raise UsageError("Jacobian images need --point i,j,k")
     if spacing is not None and approximate:
-        raise ValueError("give either --spacing or --approximate, not both")
+        raise UsageError("give either --spacing or --approximate, not both")
     for path, what in ((guidance1, "a guidance map"), (guidance2, "a guidance map"),
                        (jacobian1, "a Jacobian image"), (jacobian2, "a Jacobian image")):
         _check_float_output(path, what)

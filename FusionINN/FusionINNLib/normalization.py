@@ -196,15 +196,6 @@ def normalize_volume(
         del foreground
         offset = np.array([lo], dtype=np.float64)
         scale = _safe_scale(np.array([hi - lo]))
-    minimum, maximum = _finite_range(data)
-    note = ""
-    if mode == "volume" and minimum is not None and ((minimum - offset[0]) / scale[0] < -NORMALIZED_LIMIT
-                                                     or (maximum - offset[0]) / scale[0] > 1 + NORMALIZED_LIMIT):
-        note = (f"values {minimum:.6g}..{maximum:.6g} lie far outside the foreground's {ROBUST_PERCENTILES[0]:g}-"
-                f"{ROBUST_PERCENTILES[1]:g} percentile range {offset[0]:.6g}..{offset[0] + (hi - lo):.6g}; normalized "
-                "by min-max instead, so that the decomposition stays exact")
-        offset = np.array([minimum], dtype=np.float64)
-        scale = _safe_scale(np.array([maximum - minimum]))
     else:
         other_axes = tuple(i for i in range(data.ndim) if i != axis)
         lo = np.full(data.shape[axis], np.inf)
@@ -220,6 +211,15 @@ def normalize_volume(
                 np.maximum(hi, block_hi, out=hi)
         offset = lo
         scale = _safe_scale(hi - offset)
+    minimum, maximum = _finite_range(data)
+    note = ""
+    if mode == "volume" and minimum is not None and ((minimum - offset[0]) / scale[0] < -NORMALIZED_LIMIT
+                                                     or (maximum - offset[0]) / scale[0] > 1 + NORMALIZED_LIMIT):
+        note = (f"values {minimum:.6g}..{maximum:.6g} lie far outside the foreground's {ROBUST_PERCENTILES[0]:g}-"
+                f"{ROBUST_PERCENTILES[1]:g} percentile range {offset[0]:.6g}..{offset[0] + scale[0]:.6g}; normalized "
+                "by min-max instead, so that the decomposition stays exact")
+        offset = np.array([minimum], dtype=np.float64)
+        scale = _safe_scale(np.array([maximum - minimum]))
 
     normalized = np.empty(data.shape, dtype=np.float32)
     for rows in _blocks(data):

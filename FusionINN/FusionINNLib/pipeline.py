@@ -36,6 +36,8 @@ from .normalization import (
     integer_dtype,
     normalize_volume,
 )
+from .record import RECORD_FORMAT, RECORD_KEY, RECORD_VERSION, FusionRecord, as_record, sidecar_path  # noqa: F401
+from .record import read_record as _read_record
 from .volume import (
     DETACHED_HEADER_SUFFIXES,
     INTEGER_ONLY_SUFFIXES,
@@ -50,9 +52,6 @@ from .volume import (
     resample_like,
 )
 
-RECORD_FORMAT = "fusioninn-record"
-RECORD_KEY = "FusionINN_record"
-RECORD_VERSION = 1
 # A fused image holds y = sigmoid(u) in [0, 1]; resampling it (e.g. cubic, in a viewer) may
 # overshoot a little, which is clipped. Anything further out is not a fused image.
 FUSED_RANGE_TOLERANCE = 0.01
@@ -114,6 +113,8 @@ def input_warnings(volume1: Volume, volume2: Volume, names: Tuple[str, str] = ("
     """Likely mistakes that still fuse correctly, each worded with what was detected and what to
     do about it: a label map or a constant image as an input, the same image twice."""
     warnings: List[str] = []
+    if any(v.array.dtype.kind not in "biuf" for v in (volume1, volume2)):
+        return warnings  # not an image of numbers: normalization refuses it in words
     if same_file or (volume1.shape == volume2.shape and volume1.array.dtype == volume2.array.dtype
                      and np.array_equal(volume1.array, volume2.array, equal_nan=volume1.array.dtype.kind == "f")):
         what = "are the same file" if same_file else "hold identical images"
@@ -226,16 +227,8 @@ def fuse_normalized(pair: NormalizedPair, model: LoadedModel, *, axis: int = 0, 
     if not np.isfinite(result.fused).all() or (result.latent is not None and not np.isfinite(result.latent).all()):
         raise ValueError(f"the model ({model.source}) produced NaN/Inf values; is the model file damaged or from a "
                          "diverged training run?")
-    record = {
-        "format": RECORD_FORMAT,
-        "version": RECORD_VERSION,
-        "axis": axis,
-        "normalization": [pair.params[0].to_dict(), pair.params[1].to_dict()],
-        "model": model.describe(),
-        "device": str(engine.device),
-        "inputs": list(input_names),
-        "notes": notes,
-    }
+    record = FusionRecord.create(axis=axis, normalization=pair.params, model=model.describe(),
+                                 device=str(engine.device), inputs=input_names, notes=notes)
     if result.latent is not None:
         # the latent's own fingerprint: checked for every latent format, also NIfTI, which keeps
         # no header for the fused image's fingerprint (batch latents are .nii.gz by default)
@@ -416,49 +409,13 @@ def check_record_model(record: Dict[str, Any], model: LoadedModel, allow_mismatc
 
 # -- files ------------------------------------------------------------------------------------
 def record_sidecar(path: PathLike) -> Path:
-    path = Path(path)
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return path.with_name(name + ".fusioninn.json")
+    return sidecar_path(path)
 
 
-def read_record(fused_path: PathLike, volume: Optional[Volume] = None) -> Optional[Dict[str, Any]]:
-    """The fusion record from the image's metadata, else from its JSON sidecar, else None."""
-    text = (volume.metadata.get(RECORD_KEY) if volume is not None else None)
-    sidecar = record_sidecar(fused_path)
-    if text is None and sidecar.is_file():
-        try:
-            text = sidecar.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise ValueError(f"{sidecar}: cannot read the fusion record ({type(error).__name__})") from None
-    if text is None:
-        return None
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError:
-        raise ValueError(f"{fused_path}: the fusion record is not valid JSON") from None
-    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
-        raise ValueError(f"{fused_path}: unrecognized fusion record")
-    try:
-        version = int(record.get("version", 0))
-    except (TypeError, ValueError):
-        raise ValueError(f"{fused_path}: fusion record has an invalid version {record.get('version')!r}") from None
-    if version > RECORD_VERSION:
-        raise ValueError(f"{fused_path}: fusion record version {record.get('version')} is newer than this software")
-    normalization = record.get("normalization")
-    try:
-        if not isinstance(normalization, list) or len(normalization) != 2:
-            raise ValueError("it needs two normalization entries")
-        for entry in normalization:
-            NormalizationParams.from_dict(entry)
-        if int(record.get("axis", 0)) not in (0, 1, 2):
-            raise ValueError(f"axis {record.get('axis')!r} is not 0, 1 or 2")
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{fused_path}: damaged fusion record ({' '.join(str(error).split())[:200]})") from None
-    return record
+def read_record(fused_path: PathLike, volume: Optional[Volume] = None) -> Optional[FusionRecord]:
+    """The fusion record from the image's metadata (``volume``, as read), else its header, else its
+    JSON sidecar, else None: :func:`FusionINNLib.record.read_record`, the one codec."""
+    return _read_record(fused_path, None if volume is None else volume.metadata)
 
 
 def has_fusion_record(path: PathLike) -> bool:
@@ -661,15 +618,15 @@ def check_latent_format(latent_path: Optional[PathLike]) -> None:
 def write_fused(output: FusionOutput, path: PathLike, latent_path: Optional[PathLike] = None) -> None:
     """Fused image, JSON sidecar and (optionally) latent, all or nothing."""
     path = Path(path)
-    text = json.dumps(output.record)
+    record = as_record(output.record)
     check_latent_format(latent_path)
     with OutputSet() as outputs:
         if latent_path is not None:
             if output.latent is None:
                 raise ValueError("no latent was kept: fuse with keep_latent=True")
             outputs.add_image(latent_image(output.latent, output.fused, output.record["axis"]), latent_path)
-        outputs.add_text(json.dumps(output.record, indent=1), record_sidecar(path))
-        outputs.add_volume(output.fused, path, metadata={RECORD_KEY: text})
+        outputs.add_text(record.sidecar_text(), record_sidecar(path))
+        outputs.add_volume(output.fused, path, metadata=record.header_metadata())
 
 
 def fuse_files(input1: PathLike, input2: PathLike, output: PathLike, latent: Optional[PathLike] = None,
@@ -706,6 +663,8 @@ def decompose_files(fused: PathLike, output1: PathLike, output2: PathLike, laten
     check_outputs([fused_path] + ([Path(latent)] if latent else []), [output1, output2, std1, std2])
     if (std1 is None) != (std2 is None):
         raise OptionError(rule="both", options=("std1", "std2"))
+    if std1 is not None and latent is None and options.get("samples", 1) < 2:  # before any work
+        raise OptionError(rule="at_least", options=("std1", "samples"), value=2)
     volume = read_volume(fused_path)
     for out in (output1, output2, std1, std2):
         check_output_slices(out, volume)
