@@ -1033,7 +1033,12 @@ def test_a_model_with_nan_weights_is_refused_everywhere(tmp_path, capfd):
     flow = FusionFlow(seed=3)
     with torch.no_grad():
         next(p for p in flow.parameters() if p.is_floating_point()).fill_(float("nan"))
-    model = save_checkpoint(tmp_path / "nan.pt", flow)
+    with pytest.raises(CheckpointError, match="not written: 1 weight tensor"):
+        save_checkpoint(tmp_path / "refused.pt", flow)  # what training saves: never a NaN model
+    assert list(tmp_path.iterdir()) == []
+    model = tmp_path / "nan.pt"  # as a diverged run of an older version (or another tool) wrote it
+    torch.save({"format": "fusioninn-checkpoint", "format_version": FORMAT_VERSION, "config": flow.config.to_dict(),
+                "state_dict": flow.graph.state_dict(), "metadata": {}}, model)
     with pytest.raises(CheckpointError, match="NaN/Inf"):
         load_checkpoint(model)
     in1, in2 = _pair(brain())(tmp_path)
@@ -1046,6 +1051,14 @@ def test_a_model_with_nan_weights_is_refused_everywhere(tmp_path, capfd):
     code, out, err = run_inprocess(capfd, "batch", root, "-o", tmp_path / "out", "--model", model, "--quiet")
     assert_one_line_error(code, out, err, "batch", ("nan.pt", "NaN/Inf"))
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*fused*"))
+    from FusionINNLib.phantom import write_phantom_cases
+
+    write_phantom_cases(tmp_path / "phantoms", cases=2, shape=(16, 32, 32), seed=0)
+    code, out, err = run_inprocess(capfd, "train", tmp_path / "phantoms", "-o", tmp_path / "trained.pt",
+                                   "--init-model", model, "--epochs", "1", "--batch-size", "4", "--labels", "brain",
+                                   "--crop-size", "16", "--cache-dir", tmp_path / "cache", "--device", "cpu", "--quiet")
+    assert_one_line_error(code, out, err, "train", ("nan.pt", "NaN/Inf"))
+    assert not (tmp_path / "trained.pt").exists()
 
 
 def test_a_network_that_outputs_nan_writes_nothing(tmp_path, model_path, monkeypatch):

@@ -148,12 +148,17 @@ def _unpack(path: Path, payload: Any) -> tuple:
     raise CheckpointError(f"{path}: not a FusionINN checkpoint (no format_version, model_state_dict or state dict)")
 
 
+def non_finite_weights(state_dict: Dict[str, Any]) -> list:
+    """Names of the floating-point tensors holding NaN or Inf."""
+    return [key for key, value in state_dict.items()
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+
+
 def load_checkpoint(path: PathLike, config_overrides: Optional[Dict[str, Any]] = None) -> LoadedModel:
     """Load a model from any accepted checkpoint layout (see module docstring), on the CPU."""
     path = Path(path)
     config, state_dict, metadata, origin = _unpack(path, _read(path))
-    broken = [key for key, value in state_dict.items()
-              if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    broken = non_finite_weights(state_dict)
     if broken:
         raise CheckpointError(f"{path}: {len(broken)} weight tensor(s) hold NaN/Inf values (e.g. {broken[0]}); "
                               "the training run that wrote it diverged, or the file is damaged")
@@ -175,8 +180,17 @@ def load_checkpoint(path: PathLike, config_overrides: Optional[Dict[str, Any]] =
 
 def save_checkpoint(path: PathLike, model: FusionFlow, metadata: Optional[Dict[str, Any]] = None,
                     extra: Optional[Dict[str, Any]] = None) -> Path:
-    """Write ``model`` in our format, atomically (temp file in the same folder, then rename)."""
+    """Write ``model`` in our format, atomically (temp file in the same folder, then rename).
+
+    Weights with NaN/Inf (a diverged training run) are refused: such a file could only ever
+    produce NaN images, and ``load_checkpoint`` refuses it too.
+    """
     path = Path(path)
+    broken = non_finite_weights(model.graph.state_dict())
+    if broken:
+        raise CheckpointError(f"{path}: not written: {len(broken)} weight tensor(s) hold NaN/Inf values (e.g. "
+                              f"{broken[0]}); the training diverged (try a lower --lr or --grad-clip, or resume from "
+                              "the last good checkpoint)")
     payload: Dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,

@@ -47,6 +47,7 @@ from .volume import (
     Volume,
     VolumeError,
     check_complete_file,
+    native_output_captured,
     overlaps,
     read_volume,
     resample_like,
@@ -423,11 +424,14 @@ def has_fusion_record(path: PathLike) -> bool:
     record in its header (read without the voxels). Never raises."""
     path = Path(path)
     try:
+        if not path.is_file():
+            return False  # reading it is left to the command, which says what is wrong
         if record_sidecar(path).is_file():
             return True
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
-        reader.ReadImageInformation()
+        with native_output_captured():  # what the C++ readers print about an odd file
+            reader.ReadImageInformation()
         return reader.HasMetaDataKey(RECORD_KEY)
     except (RuntimeError, OSError, ValueError):
         return False

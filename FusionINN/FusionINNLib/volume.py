@@ -214,6 +214,9 @@ def _native_output_captured() -> Iterator[List[str]]:
             captured.append(sink.read().decode("utf-8", errors="replace"))
 
 
+native_output_captured = _native_output_captured  # for callers that probe files (pipeline.has_fusion_record)
+
+
 def _looks_like_error(text: str) -> bool:
     lowered = text.lower()
     return any(marker in lowered for marker in NATIVE_ERROR_MARKERS)
