@@ -30,6 +30,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from . import record as _record
+
 # -- geometry ---------------------------------------------------------------------------------
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 GEOMETRY_TOLERANCE = 1e-6
@@ -245,7 +247,7 @@ def resumable_checkpoint(output_model: Any) -> Optional[str]:
 
 # -- provenance -------------------------------------------------------------------------------
 ATTRIBUTE_PREFIX = "FusionINN."
-RECORD_ATTRIBUTE = ATTRIBUTE_PREFIX + "Record"
+RECORD_ATTRIBUTE = _record.NODE_ATTRIBUTE  # "FusionINN.Record": the record's node carrier (FusionINNLib.record)
 ROLE_ATTRIBUTE = ATTRIBUTE_PREFIX + "Role"
 ROLES = ("fused", "latent", "decomposed", "std", "baseline", "guidance", "jacobian", "difference", "metrics")
 # Node reference roles (MRML references survive scene save/load and node renaming).
@@ -293,7 +295,7 @@ def provenance_attributes(role: str, record: Optional[Mapping[str, Any]] = None,
             ATTRIBUTE_PREFIX + "Axis": str(record.get("axis", "")),
         })
         if role == "fused":
-            attributes[RECORD_ATTRIBUTE] = json.dumps(record, default=str)
+            attributes.update(_record.FusionRecord(record).node_attributes())
     if inputs:
         attributes[ATTRIBUTE_PREFIX + "Inputs"] = json.dumps([str(n) for n in inputs])
     for key, value in details.items():
@@ -309,120 +311,47 @@ def provenance_attributes(role: str, record: Optional[Mapping[str, Any]] = None,
 
 
 def record_from_attributes(attributes: Mapping[str, Optional[str]]) -> Optional[Dict[str, Any]]:
-    """The fusion record stored on a fused volume, or None when the node has none."""
-    text = attributes.get(RECORD_ATTRIBUTE)
-    if not text:
-        return None
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError:
-        raise ValueError(f"the node attribute {RECORD_ATTRIBUTE} is not valid JSON") from None
-    if not isinstance(record, dict) or "normalization" not in record:
-        raise ValueError(f"the node attribute {RECORD_ATTRIBUTE} is not a FusionINN fusion record")
-    return record
+    """The fusion record stored on a fused volume, or None when the node has none (the one codec:
+    :func:`FusionINNLib.record.record_from_attributes`, checked like a file's record)."""
+    return _record.record_from_attributes(attributes)
 
 
 # -- the fusion record in files (Slicer <-> fusioninn) ------------------------------------------
-# The same names as FusionINNLib.pipeline (which imports torch, so they are repeated here; a test
-# checks that they agree). A fused file carries its record in its header (NRRD/MHA key) and in the
-# sidecar "<name>.fusioninn.json". Slicer reads NRRD keys into an ITK dictionary that Python cannot
-# see and its writer drops them, so the module reads the header or sidecar itself when a fused
-# file is loaded, and writes the sidecar when a fused node is saved.
-RECORD_FORMAT = "fusioninn-record"
-RECORD_FILE_KEY = "FusionINN_record"
-RECORD_SIDECAR_SUFFIX = ".fusioninn.json"
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff")
-HEADER_LIMIT = 1 << 22  # an image header is never longer than 4 MiB
+# One codec for every carrier: FusionINNLib.record (torch- and SimpleITK-free). A fused file carries
+# its record in its header (NRRD/MHA key) and in the sidecar "<name>.fusioninn.json". Slicer reads
+# NRRD keys into an ITK dictionary that Python cannot see and its writer drops them, so the module
+# reads the header or sidecar itself when a fused file is loaded, and writes the sidecar when a
+# fused node is saved.
+RECORD_FORMAT = _record.RECORD_FORMAT
+RECORD_FILE_KEY = _record.RECORD_KEY
+RECORD_SIDECAR_SUFFIX = _record.SIDECAR_SUFFIX
+IMAGE_SUFFIXES = _record.IMAGE_SUFFIXES
+HEADER_LIMIT = _record.HEADER_LIMIT
 
 
 def record_sidecar_path(image_path: Any) -> str:
-    """``/d/fused.nii.gz`` → ``/d/fused.fusioninn.json`` (as :func:`FusionINNLib.pipeline.record_sidecar`)."""
-    import os
-
-    folder, name = os.path.split(str(image_path))
-    for suffix in IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return os.path.join(folder, name + RECORD_SIDECAR_SUFFIX)
+    """``/d/fused.nii.gz`` → ``/d/fused.fusioninn.json`` (:func:`FusionINNLib.record.sidecar_path`)."""
+    return str(_record.sidecar_path(image_path))
 
 
 def _header_value(path: str, key: str) -> Optional[str]:
-    """The value of ``key`` in a NRRD (``key:=value``) or MetaImage (``key = value``) header."""
-    lower = path.lower()
-    if not lower.endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
-        return None
-    try:
-        with open(path, "rb") as stream:
-            head = stream.read(HEADER_LIMIT)
-    except OSError:
-        return None
-    nrrd = lower.endswith((".nrrd", ".nhdr"))
-    for raw in head.split(b"\n"):
-        line = raw.rstrip(b"\r")
-        if nrrd and not line.strip():
-            break  # a blank line ends a NRRD header
-        text = line.decode("utf-8", errors="replace")
-        if nrrd and text.startswith(key + ":="):
-            return text[len(key) + 2:].replace("\\n", "\n").replace("\\\\", "\\")
-        if not nrrd:
-            if text.startswith("ElementDataFile"):
-                break
-            name, sep, value = text.partition("=")
-            if sep and name.strip() == key:
-                return value.strip()
-    return None
+    """The value of ``key`` in a NRRD or MetaImage header (:func:`FusionINNLib.record.header_value`)."""
+    return _record.header_value(path, key)
 
 
 def check_record(record: Any, where: str) -> Dict[str, Any]:
-    """A fusion record as read from anywhere, checked the way :func:`FusionINNLib.pipeline.read_record` does."""
-    if not isinstance(record, dict) or record.get("format", RECORD_FORMAT) != RECORD_FORMAT:
-        raise ValueError(f"{where}: unrecognized fusion record")
-    normalization = record.get("normalization")
-    if not isinstance(normalization, list) or len(normalization) != 2 or not all(
-            isinstance(entry, dict) for entry in normalization):
-        raise ValueError(f"{where}: damaged fusion record (it needs two normalization entries)")
-    try:
-        axis = int(record.get("axis", 0))
-    except (TypeError, ValueError):
-        axis = -1
-    if axis not in (0, 1, 2):
-        raise ValueError(f"{where}: damaged fusion record (axis {record.get('axis')!r} is not 0, 1 or 2)")
-    return record
+    """A fusion record as read from anywhere, checked by the one codec (:class:`FusionINNLib.record.FusionRecord`)."""
+    return _record.FusionRecord.from_dict(record, where)
 
 
 def record_from_file(image_path: Any) -> Optional[Dict[str, Any]]:
     """The fusion record of a fused image file: its header key, else its sidecar, else None."""
-    import os
-
-    path = str(image_path)
-    text = _header_value(path, RECORD_FILE_KEY)
-    where = path
-    if text is None:
-        sidecar = record_sidecar_path(path)
-        if os.path.isfile(sidecar):
-            try:
-                with open(sidecar, encoding="utf-8") as stream:
-                    text = stream.read()
-            except (OSError, UnicodeDecodeError) as error:
-                raise ValueError(f"{sidecar}: cannot read the fusion record ({type(error).__name__})") from None
-            where = sidecar
-    if text is None:
-        return None
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError:
-        raise ValueError(f"{where}: the fusion record is not valid JSON") from None
-    return check_record(record, where)
+    return _record.read_record(image_path)
 
 
 def write_record_sidecar(image_path: Any, record: Mapping[str, Any]) -> str:
     """Write ``<image>.fusioninn.json`` next to a saved fused image (atomically); returns its path."""
-    from .atomic import atomic_write_text
-
-    sidecar = record_sidecar_path(image_path)
-    atomic_write_text(sidecar, json.dumps(dict(record), indent=1, default=str))
-    return sidecar
+    return str(_record.write_sidecar(image_path, record))
 
 
 def looks_fused(array: np.ndarray, tolerance: float = 0.01) -> bool:

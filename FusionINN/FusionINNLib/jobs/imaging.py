@@ -109,7 +109,7 @@ def run_fuse(request: FuseRequest, progress: Optional[Progress] = None, cancel: 
     written = [] if request.output is None else [str(request.output)]
     if request.latent_output is not None:
         written.append(str(request.latent_output))
-    return FuseResult(output.fused, output.latent if keep_latent else None, dict(output.record),
+    return FuseResult(output.fused, output.latent if keep_latent else None, output.record,
                       list(output.notes), written)
 
 
@@ -171,6 +171,7 @@ def run_decompose(request: DecomposeRequest, progress: Optional[Progress] = None
         read_latent,
         read_record,
     )
+    from ..record import as_record
 
     log = log or _silent
     models = models or DEFAULT_MODELS
@@ -202,7 +203,7 @@ def run_decompose(request: DecomposeRequest, progress: Optional[Progress] = None
     volume = _volume(request.fused)
     for out in (request.output1, request.output2, request.std1, request.std2):
         check_output_slices(out, volume)
-    record = request.record
+    record = as_record(request.record, f"{name}: the fusion record given")
     if record is None and _is_path(request.fused):
         record = read_record(request.fused, volume)
     if record is not None:
