@@ -263,7 +263,7 @@ class FusionINNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """``connectParametersToGui`` with the widgets ``connectGui`` would find: it returns the tag on
         Slicer 5.8 too (5.8's ``connectGui`` returns None, so ``disconnectGui`` could not undo it
         and every module entry would add another set of connections)."""
-        mapping = support.gui_parameter_mapping(self.ui.__dict__, lambda widget, name: widget.property(name))
+        mapping = support.gui_parameter_mapping(vars(self.ui), lambda widget, name: widget.property(name))
         return parameterNode.connectParametersToGui(mapping)
 
     def setParameterNode(self, inputParameterNode):

@@ -293,8 +293,20 @@ def write_summary(outcomes: Sequence[CaseOutcome], path: PathLike,
         row = [o.case_id, o.status, o.message, o.input1, o.input2, o.output, o.latent]
         row += [o.metrics.get(n) for n in names]
         lines.append("\t".join(_cell(v) for v in row))
+    # Slicer's table reader (vtkMRMLTableStorageNode) types the columns from the .schema.tsv
+    # sidecar; without it every column, the metrics too, loads as text. Written first, so that a
+    # summary is never there without its schema.
+    schema = ["columnName\ttype"] + [f"{name}\tstring" for name in BASE_COLUMNS] + [f"{name}\tdouble" for name in names]
+    atomic_write_text(summary_schema_path(path), "\n".join(schema) + "\n")
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def summary_schema_path(path: PathLike) -> Path:
+    """``summary.tsv`` → ``summary.schema.tsv`` (Slicer's table-schema sidecar)."""
+    path = Path(path)
+    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+    return path.with_name(f"{stem}.schema{path.suffix or '.tsv'}")
 
 
 def read_summary(path: PathLike) -> List[Dict[str, str]]:

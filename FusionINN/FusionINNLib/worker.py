@@ -29,7 +29,7 @@ Operations are a dispatch table (:data:`OPERATIONS`). ``job`` runs any request o
 (:mod:`FusionINNLib.jobs`: fuse, decompose, score, explain, batch), the same code as the command
 line; the others are what only a long-lived process can do (``jacobian``: the live Jacobian, whose
 normalized inputs stay in memory between crosshair moves) or small helpers (``difference``,
-``devices``, ``ping``; ``sleep``/``hang`` for tests of progress and cancel).
+``devices``, ``ping``; ``sleep``/``hang``/``print`` for tests of progress, cancel and stdout).
 """
 from __future__ import annotations
 
@@ -219,6 +219,16 @@ def op_hang(params: Dict[str, Any], context: JobContext) -> Dict[str, Any]:
     return {}
 
 
+def op_print(params: Dict[str, Any], context: JobContext) -> Dict[str, Any]:
+    """Writes to stdout the ways stray output happens (Python print, a C library's write to
+    descriptor 1), for the test that replies stay readable."""
+    text = str(params.get("text", "stray output"))
+    print(text)
+    sys.stdout.flush()
+    os.write(1, (text + "\n").encode("utf-8"))
+    return {"printed": text}
+
+
 def op_devices(params: Dict[str, Any], context: JobContext) -> Dict[str, Any]:
     from .engine import describe_devices
 
@@ -271,6 +281,7 @@ OPERATIONS: Dict[str, Operation] = {
     "ping": op_ping,
     "sleep": op_sleep,
     "hang": op_hang,
+    "print": op_print,
     "devices": op_devices,
     "job": op_job,
     "jacobian": op_jacobian,

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
-from ..checkpoint import LoadedModel, bundled_model_path, resolve_model
+if TYPE_CHECKING:  # pragma: no cover
+    from ..checkpoint import LoadedModel
+
+# ..checkpoint (and so torch) is imported on first use, not with the package: the Slicer module's
+# process imports FusionINNLib.jobs.codec to talk to its worker and must never load torch.
 
 
 class ModelCache:
@@ -21,6 +25,8 @@ class ModelCache:
         self._lock = threading.Lock()
 
     def get(self, model: Any = None) -> LoadedModel:
+        from ..checkpoint import LoadedModel, bundled_model_path, resolve_model
+
         if isinstance(model, LoadedModel):
             return model
         argument = None if model is None or str(model) in ("", "default") else str(model)
