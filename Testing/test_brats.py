@@ -401,23 +401,44 @@ def test_mismatched_grids_and_unreadable_files_name_the_file(tmp_path):
 
 
 def test_real_brats_folders(shared_data):
-    result = discover_cases(shared_data / "brats", ("t1ce", "flair"))
+    """Holds for any set of real case folders: every folder is found with both modalities, none is
+    skipped, subjects are distinct, a folder with a segmentation gets it, the namings known from
+    PROVENANCE.md resolve to the right files, and a subject split is disjoint and complete."""
+    root = shared_data / "brats"
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*.nii*")))
+    result = discover_cases(root, ("t1ce", "flair"))
     by_name = {c.case_id: c for c in result.cases}
-    assert set(by_name) == {
-        "BraTS-GLI-00001-000", "deepmedic_brats_2013_pat0005_1", "deepmedic_brats_2013_pat0006_1"}
+    assert sorted(by_name) == folders and len(folders) >= 3
     assert not result.skipped
-    assert by_name["BraTS-GLI-00001-000"].subject_id == "BraTS-GLI-00001"
-    assert by_name["BraTS-GLI-00001-000"].paths["t1ce"].name.endswith("-t1c.nii.gz")
-    assert by_name["BraTS-GLI-00001-000"].paths["flair"].name.endswith("-t2f.nii.gz")
-    assert by_name["BraTS-GLI-00001-000"].seg is None
+    assert len({c.subject_id for c in result.cases}) == len(result.cases)
+    for case in result.cases:
+        assert case.paths["t1ce"].is_file() and case.paths["flair"].is_file()
+        assert case.paths["t1ce"] != case.paths["flair"]
+        has_seg = any(("seg" in p.name.lower() or "otmulticlass" in p.name.lower())
+                      for p in (root / case.case_id).glob("*.nii*"))
+        assert (case.seg is not None) == has_seg, case.case_id
+    if "BraTS-GLI-00001-000" in by_name:
+        case = by_name["BraTS-GLI-00001-000"]
+        assert case.subject_id == "BraTS-GLI-00001"
+        assert case.paths["t1ce"].name.endswith("-t1c.nii.gz")
+        assert case.paths["flair"].name.endswith("-t2f.nii.gz")
     for name in ("deepmedic_brats_2013_pat0005_1", "deepmedic_brats_2013_pat0006_1"):
-        assert by_name[name].paths["t1ce"].name == "T1c_subtrMeanDivStd.nii.gz"
-        assert by_name[name].paths["flair"].name == "Flair_subtrMeanDivStd.nii.gz"
-        assert by_name[name].seg.name == "OTMultiClass.nii.gz"
-    slices1, slices2, indices = load_case_slices(by_name["deepmedic_brats_2013_pat0005_1"])
-    assert slices1.shape[1:] == (240, 240) and 10 < indices.size < 155
-    train, val = split_subjects(result.cases, 0.34, seed=0)
-    assert len(train) == 2 and len(val) == 1
+        if name in by_name:
+            assert by_name[name].paths["t1ce"].name == "T1c_subtrMeanDivStd.nii.gz"
+            assert by_name[name].paths["flair"].name == "Flair_subtrMeanDivStd.nii.gz"
+            assert by_name[name].seg.name == "OTMultiClass.nii.gz"
+    for case in result.cases:
+        if case.case_id.startswith("Brats18_"):
+            assert case.paths["t1ce"].name == f"{case.case_id}_t1ce.nii.gz"
+            assert case.paths["flair"].name == f"{case.case_id}_flair.nii.gz"
+    first = result.cases[0]
+    slices1, slices2, indices = load_case_slices(first)
+    assert slices1.shape == slices2.shape and slices1.shape[0] == indices.size > 0
+    train, val = split_subjects(result.cases, 0.2, seed=0)
+    train_subjects = {c.subject_id for c in train}
+    val_subjects = {c.subject_id for c in val}
+    assert not train_subjects & val_subjects
+    assert len(train) + len(val) == len(result.cases) and len(val) >= 1
 
 
 def test_truncated_case_file_is_refused_when_loading_slices(tmp_path):
