@@ -1337,3 +1337,67 @@ def test_metric_warnings_never_show_python_source_lines(tmp_path, capfd):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert warnings.formatwarning is not _warning_line  # main() put the formatter back
+
+
+def test_sigterm_in_a_batch_keeps_finished_cases_and_writes_the_summary(tmp_path, model_path, capfd, monkeypatch):
+    """Item 5 in batch: SIGTERM while case 2 is written; case 1 stays, case 2 leaves nothing, the
+    summary says which, exit 143 with one line."""
+    import signal
+
+    from FusionINNLib import pipeline
+
+    root, out = tmp_path / "cases", tmp_path / "out"
+    _two_batch_cases(root)
+    real_write = pipeline.write_fused
+    calls = []
+
+    def write_then_terminate(result, path, latent_path=None):
+        calls.append(path)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_write(result, path, latent_path)
+
+    monkeypatch.setattr(pipeline, "write_fused", write_then_terminate)
+    code, stdout, err = run_inprocess(capfd, "batch", root, "-o", out, "--latent", "--model", model_path, "--device",
+                                      "cpu", "--quiet")
+    assert code == 143 and stdout == ""
+    assert err.strip().splitlines() == [
+        "fusioninn batch: terminated (SIGTERM); the cases finished before are kept and listed in the summary"]
+    rows = {row["case"][-5:]: row for row in _read_tsv(out / "summary.tsv")}
+    assert rows["00001"]["status"] == "ok" and rows["00002"]["status"] == "cancelled"
+    names = sorted(p.name for p in out.iterdir())
+    assert not [n for n in names if n.startswith(".")], names  # no temporary file
+    assert [n for n in names if "00002" in n] == [] and any("00001_fused" in n for n in names)
+
+
+def test_sigterm_to_a_training_run_keeps_its_last_complete_epoch(tmp_path):
+    """Item 5 in the training CLI: one line, exit 143, no temporary file in the run folder; what
+    is there (last.pt) is a complete checkpoint."""
+    import signal
+    import time
+
+    from FusionINNLib.checkpoint import load_checkpoint
+    from FusionINNLib.phantom import write_phantom_cases
+
+    write_phantom_cases(tmp_path / "data", cases=3, shape=(16, 32, 32), seed=0)
+    env = dict(os.environ, PYTHONPATH=str(REPO / "FusionINN"), OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, "-m", "FusionINNLib.cli", "train", str(tmp_path / "data"), "-o",
+                                str(tmp_path / "m.pt"), "--epochs", "500", "--batch-size", "2", "--labels", "brain",
+                                "--crop-size", "16", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    seen = b""
+    deadline = time.monotonic() + 180
+    while b"train:" not in seen and time.monotonic() < deadline:  # the first progress update
+        seen += process.stderr.read1(256)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=180)
+    lines = (seen + err).decode().replace("\r", "\n").strip().splitlines()
+    assert process.returncode == 143, lines
+    assert lines[-1].startswith("fusioninn train: terminated (SIGTERM); the last complete epoch is kept")
+    assert "Traceback" not in "\n".join(lines)
+    run = tmp_path / "m_run"
+    leftovers = [p.name for p in tmp_path.rglob("*") if p.name.startswith(".") or ".tmp" in p.name]
+    assert leftovers == [] and not (tmp_path / "m.pt").exists()
+    if (run / "last.pt").exists():
+        load_checkpoint(run / "last.pt")

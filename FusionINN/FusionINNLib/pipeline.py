@@ -667,7 +667,7 @@ def decompose_files(fused: PathLike, output1: PathLike, output2: PathLike, laten
     check_outputs([fused_path] + ([Path(latent)] if latent else []), [output1, output2, std1, std2])
     if (std1 is None) != (std2 is None):
         raise OptionError(rule="both", options=("std1", "std2"))
-    if std1 is not None and latent is None and options.get("samples", 1) < 2:  # before any work
+    if std1 is not None and (latent is not None or options.get("samples", 1) < 2):  # before any work
         raise OptionError(rule="at_least", options=("std1", "samples"), value=2)
     volume = read_volume(fused_path)
     for out in (output1, output2, std1, std2):
