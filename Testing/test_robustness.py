@@ -1401,3 +1401,25 @@ def test_sigterm_to_a_training_run_keeps_its_last_complete_epoch(tmp_path):
     assert leftovers == [] and not (tmp_path / "m.pt").exists()
     if (run / "last.pt").exists():
         load_checkpoint(run / "last.pt")
+
+
+def test_values_that_do_not_fit_a_png_are_refused_not_clipped(tmp_path, model_path, capfd):
+    """A decomposed source with negative values written to PNG (0..65535 integers) was clipped
+    to 0 without a word."""
+    source = (brain((1, 20, 24)) - 300.0).astype(np.float32)[0]  # -300..400
+    in1 = write_image(tmp_path / "in1.nrrd", source)
+    in2 = write_image(tmp_path / "in2.nrrd", brain((1, 20, 24), seed=1)[0])
+    fused, latent = _fuse_cli(capfd, tmp_path, in1, in2, model_path)
+    before = snapshot(tmp_path)
+    code, out, err = run_inprocess(capfd, "decompose", fused, "--output1", tmp_path / "a.png", "--output2",
+                                   tmp_path / "b.nrrd", "--latent", latent, "--model", model_path, "--quiet")
+    assert_one_line_error(code, out, err, "decompose", ("a.png", "do not fit the 0..65535 integers"))
+    assert snapshot(tmp_path) == before
+
+
+def test_a_fused_image_given_to_fuse_is_warned_about(tmp_path, fused_set, model_path, capfd):
+    _copy_fused(fused_set, tmp_path, ("f.nii.gz", "f.fusioninn.json", "flair.nii.gz"))
+    code, out, err = run_inprocess(capfd, "fuse", tmp_path / "f.nii.gz", tmp_path / "flair.nii.gz", "-o",
+                                   tmp_path / "again.nrrd", "--model", model_path, "--device", "cpu")
+    assert code == 0, err
+    assert "warning: " + str(tmp_path / "f.nii.gz") + " is a fused image (it has a fusion record)" in err

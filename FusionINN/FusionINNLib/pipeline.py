@@ -648,6 +648,11 @@ def fuse_files(input1: PathLike, input2: PathLike, output: PathLike, latent: Opt
     # normalized copies stay in memory while the network runs (see docs/robustness.md, memory).
     volume1, volume2 = read_volume(inputs[0]), read_volume(inputs[1])
     check_geometry_carried(inputs, (volume1, volume2))
+    for path in inputs:
+        if has_fusion_record(path):  # a likely mix-up of files; the fusion itself is well defined
+            volume1.notes.append(f"warning: {path} is a fused image (it has a fusion record), given as an input to "
+                                 "fuse; did you mean a source image? (fused anyway)")
+            options.get("log", print)(volume1.notes[-1])
     pair = normalize_pair(volume1, volume2, axis=options.get("axis", 0),
                           normalization=options.get("normalization", "volume"), log=options.get("log", print),
                           input_names=names, same_file=_same_file(inputs[0], inputs[1]))

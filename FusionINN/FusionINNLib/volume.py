@@ -450,14 +450,18 @@ def check_complete_file(path: PathLike, image: sitk.Image) -> None:
         raise VolumeError(f"{path}: damaged or truncated file ({reason})")
 
 
-def _integer_only_array(array: np.ndarray) -> np.ndarray:
-    """PNG/JPEG/BMP store integers only: [0, 1] data becomes 0..255, other data is clipped."""
+def _integer_only_array(array: np.ndarray, path: Optional[Path] = None) -> np.ndarray:
+    """PNG/JPEG/BMP store integers 0..65535 only: [0, 1] data becomes 0..255, other data is
+    rounded; values that do not fit (negative, above 65535) are refused, never clipped silently."""
     if np.issubdtype(array.dtype, np.integer) and array.min() >= 0 and array.max() <= 65535:
         return array.astype(np.uint8 if array.max() <= 255 else np.uint16)
     finite = np.nan_to_num(array.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     if finite.min() >= 0.0 and finite.max() <= 1.0:
         finite = finite * 255.0
-    finite = np.clip(np.rint(finite), 0, 65535)
+    finite = np.rint(finite)
+    if finite.min() < 0 or finite.max() > 65535:
+        raise VolumeError(f"{path or 'output'}: values {float(array.min()):.6g}..{float(array.max()):.6g} do not fit "
+                          "the 0..65535 integers of this format; use .nrrd, .nii.gz or .tif")
     return finite.astype(np.uint8 if finite.max() <= 255 else np.uint16)
 
 
@@ -468,7 +472,7 @@ def _prepare_image(volume: Volume, path: Path, metadata: Optional[Dict[str, str]
         raise FileNotFoundError(f"{path.parent}: output folder does not exist")
     array = volume.array
     if path.suffix.lower() in INTEGER_ONLY_SUFFIXES:
-        array = _integer_only_array(array)
+        array = _integer_only_array(array, path)
     image = to_image(replace(volume, array=array))
     for key, value in (metadata or {}).items():
         image.SetMetaData(key, value)
