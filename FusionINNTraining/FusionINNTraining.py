@@ -19,8 +19,9 @@ line from the XML (``Base/QTCLI/vtkSlicerCLIModuleLogic.cxx``)::
   skipped case folders) go to the ``--returnparameterfile`` as ``name = value`` lines.
 
 Progress uses Slicer's protocol on stdout (``<filter-start>``, ``<filter-progress>F</filter-progress>``
-with F a fraction in [0, 1] and ``<filter-comment>`` with the current step, ``<filter-end>``);
-everything meant for people goes to stderr. The same command works outside Slicer with any Python
+with F a fraction in [0, 1] and ``<filter-comment>`` with the current step, ``<filter-end>``); the
+log lines for people go to stdout too, and only errors to stderr (Slicer reports any stderr
+output as an error). Both streams are UTF-8. The same command works outside Slicer with any Python
 that has the extension's requirements (see ``docs/training_cli.md``).
 
 Exit codes: 0 success, 1 error (one clear message on stderr), 2 invalid arguments, 130 cancelled.
@@ -288,13 +289,19 @@ def library_search_paths(script: Optional[Path] = None) -> List[Path]:
 
     ``lib/Slicer-X.Y/cli-modules/<this>`` → ``lib/Slicer-X.Y/qt-scripted-modules`` (installed
     extension and build tree: SlicerMacroBuildScriptedCLI and slicerMacroBuildScriptedModule put
-    the two folders side by side); ``<repo>/FusionINNTraining/<this>`` → ``<repo>/FusionINN``
+    the two folders side by side), ``lib/Slicer-X.Y/cli-modules/<CONFIG>/<this>`` → the same
+    ``qt-scripted-modules`` (multi-config build trees); ``<repo>/FusionINNTraining/<this>`` → ``<repo>/FusionINN``
     (source checkout). Both the path as given and with symbolic links resolved are tried.
     """
     script = Path(script if script is not None else __file__)
     folders = []
     for location in (script.absolute(), script.resolve()):
-        for candidate in (location.parent.parent / "qt-scripted-modules", location.parent.parent / "FusionINN"):
+        candidates = [location.parent.parent / "qt-scripted-modules", location.parent.parent / "FusionINN"]
+        if location.parent.parent.name == "cli-modules":
+            # Multi-config build trees (Visual Studio, Xcode): SlicerMacroBuildScriptedCLI copies the
+            # script to cli-modules/<CONFIG>/, while scripted modules stay in qt-scripted-modules/.
+            candidates.insert(0, location.parent.parent.parent / "qt-scripted-modules")
+        for candidate in candidates:
             if candidate not in folders:
                 folders.append(candidate)
     return folders
@@ -331,7 +338,11 @@ def _import_training():
 # Reporting
 # ------------------------------------------------------------------------------------------------
 class Reporter:
-    """Slicer's progress protocol on ``stdout``, human-readable log lines on ``stderr``."""
+    """Slicer's progress protocol and the human-readable log lines on ``stdout``; only errors on ``stderr``.
+
+    Slicer's CLI logic reports everything a CLI writes to stderr as an error, whatever the exit
+    code (``vtkSlicerCLIModuleLogic``), so progress notes must not go there.
+    """
 
     def __init__(self, stdout: TextIO, stderr: TextIO, clock: Callable[[], float] = time.monotonic):
         self.stdout = stdout
@@ -375,16 +386,31 @@ class Reporter:
                    f"<filter-time>{self.clock() - self.started:.1f}</filter-time>\n</filter-end>")
 
     def log(self, message: str) -> None:
+        self._write(self.stdout, message)
+
+    def error(self, message: str) -> None:
+        self._write(self.stderr, message)
+
+    @staticmethod
+    def _write(stream: TextIO, message: str) -> None:
         stamp = time.strftime("%H:%M:%S")
         for line in str(message).splitlines() or [""]:
-            self.stderr.write(f"{stamp} {line}\n")
-        self.stderr.flush()
+            stream.write(f"{stamp} {line}\n")
+        stream.flush()
 
 
 class CancelFlag:
     """Set by SIGTERM; polled by the training loop, which then stops cleanly after the current step
     (last.pt keeps the last finished epoch). A second SIGTERM stops at once, e.g. while the slices of
-    a large data set are being cached, when no step runs to notice the first."""
+    a large data set are being cached, when no step runs to notice the first.
+
+    This serves ``kill``/Ctrl-C in a terminal and ``torchrun``. Slicer's Cancel does not send SIGTERM:
+    ``vtkSlicerCLIModuleLogic`` calls ``itksysProcess_Kill``, which is SIGKILL on POSIX (and
+    TerminateProcess on Windows), so no handler runs. What such a run leaves: ``last.pt`` of the last
+    finished epoch (written atomically after every epoch, so never half-written), the history up to
+    that epoch and ``split.json``; no output model unless an earlier epoch wrote ``best.pt``'s copy.
+    Resume it with ``--resume RUN_DIR/last.pt`` (the FusionINN module offers this when Train is
+    pressed again for the same output model)."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -549,6 +575,9 @@ def run(args: argparse.Namespace, reporter: Reporter, cancel: Callable[[], bool]
                  + (f"; {len(discovery.skipped)} case folder(s) skipped (listed below)" if discovery.skipped else ""))
 
     training = _import_training()  # PyTorch is loaded only now, after the quick checks
+    from FusionINNLib.process import allow_process_tuning
+
+    allow_process_tuning()  # this CLI owns its process (the library never tunes Slicer's)
     config = training_config(args, training)
     training_share = 1.0 - PREVIEW_SHARE if args.previewVolume else 1.0
 
@@ -573,14 +602,32 @@ def run(args: argparse.Namespace, reporter: Reporter, cancel: Callable[[], bool]
     return values
 
 
+def utf8_streams() -> None:
+    """Write stdout/stderr as UTF-8 (unencodable text escaped, never an exception).
+
+    On Windows a CLI's stdout is a pipe that Python encodes with the ANSI code page (cp1252 in
+    western Europe): a data path with characters outside it made every print raise
+    UnicodeEncodeError. Slicer keeps a CLI's output as bytes and shows it as UTF-8.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(encoding="utf-8", errors="backslashreplace")
+            except (ValueError, OSError):  # pragma: no cover - a stream that cannot change any more
+                pass
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(asctime)s %(message)s",
+    utf8_streams()
+    # Library warnings are notes, not errors: stdout (Slicer reports stderr as errors).
+    logging.basicConfig(stream=sys.stdout, level=logging.WARNING, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S")
     reporter = Reporter(sys.stdout, sys.stderr)
     try:
         parser = build_parser()
     except CLIError as error:
-        reporter.log(f"{MODULE_NAME}: error: {error}")
+        reporter.error(f"{MODULE_NAME}: error: {error}")
         return EXIT_ERROR
     args = parser.parse_args(argv)  # exits with EXIT_USAGE and a message on invalid arguments
     cancel = CancelFlag()
@@ -593,20 +640,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         reporter.end()
         return EXIT_OK
     except KeyboardInterrupt:
-        reporter.log(f"{MODULE_NAME}: cancelled; an interrupted run can be resumed from last.pt in its run folder")
+        reporter.error(f"{MODULE_NAME}: cancelled; an interrupted run can be resumed from last.pt in its run folder")
         return EXIT_CANCELLED
     except Exception as error:  # noqa: BLE001 - every failure ends in one readable message and an exit code
         if type(error).__name__ == "Cancelled" and type(error).__module__.startswith(LIBRARY_PACKAGE):
             # FusionINNLib.engine.Cancelled: the training saw the SIGTERM flag
-            reporter.log(f"{MODULE_NAME}: {error}")
+            reporter.error(f"{MODULE_NAME}: {error}")
             return EXIT_CANCELLED
         expected = isinstance(error, (CLIError, ValueError, OSError))
         if not expected:  # a bug rather than bad input: keep the trace for the report
-            reporter.log("".join(traceback.format_exception(type(error), error, error.__traceback__)).rstrip())
+            reporter.error("".join(traceback.format_exception(type(error), error, error.__traceback__)).rstrip())
         message = str(error) or type(error).__name__
         if isinstance(error, OSError) and error.filename and str(error.filename) not in message:
             message = f"{error.filename}: {message}"
-        reporter.log(f"{MODULE_NAME}: error: {message}")
+        reporter.error(f"{MODULE_NAME}: error: {message}")
         return EXIT_ERROR
 
 
