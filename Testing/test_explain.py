@@ -398,7 +398,7 @@ def test_cli_explain_writes_all_outputs(tmp_path, capsys):
     common = [str(paths[0]), str(paths[1]), "--guidance1", str(bad), "--guidance2", str(tmp_path / "b2.nrrd"),
               "--model", str(model), "--device", "cpu", "--quiet"]
     assert cli.main(["explain", *common, "--jacobian1", str(tmp_path / "x.nrrd"),
-                     "--jacobian2", str(tmp_path / "y.nrrd")]) == 1
+                     "--jacobian2", str(tmp_path / "y.nrrd")]) == 2  # options that do not go together: usage
     assert "--point" in capsys.readouterr().err
     assert cli.main(["explain", *common, "--slices", "2:9"]) == 1
     assert "outside" in capsys.readouterr().err

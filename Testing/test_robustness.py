@@ -1423,3 +1423,21 @@ def test_a_fused_image_given_to_fuse_is_warned_about(tmp_path, fused_set, model_
                                    tmp_path / "again.nrrd", "--model", model_path, "--device", "cpu")
     assert code == 0, err
     assert "warning: " + str(tmp_path / "f.nii.gz") + " is a fused image (it has a fusion record)" in err
+
+
+def test_a_record_of_another_fusion_is_warned_about(tmp_path, model_path, capfd):
+    """The fused record holds the SHA-256 of its fused voxels: a sidecar copied next to another
+    fused image of the same shape (whose source units it would give) is noticed."""
+    root, out = tmp_path / "cases", tmp_path / "out"
+    _two_batch_cases(root)
+    code, _, err = run_inprocess(capfd, "batch", root, "--output", out, "--model", model_path, "--device", "cpu",
+                                 "--quiet")
+    assert code == 0, err
+    fused1 = next(out.glob("*00001_fused.nii.gz"))
+    args = ["decompose", fused1, "--output1", tmp_path / "a.nrrd", "--output2", tmp_path / "b.nrrd", "--model",
+            model_path, "--device", "cpu"]
+    code, _, err = run_inprocess(capfd, *args)
+    assert code == 0 and "differs from the fused image" not in err, err
+    shutil.copy(next(out.glob("*00002_fused.fusioninn.json")), record_sidecar(fused1))
+    code, _, err = run_inprocess(capfd, *args)
+    assert code == 0 and "differs from the fused image its fusion record was written with" in err, err

@@ -230,6 +230,9 @@ def fuse_normalized(pair: NormalizedPair, model: LoadedModel, *, axis: int = 0, 
                          "diverged training run?")
     record = FusionRecord.create(axis=axis, normalization=pair.params, model=model.describe(),
                                  device=str(engine.device), inputs=input_names, notes=notes)
+    # the fused voxels' fingerprint: a record (sidecar) that ends up next to another fused image
+    # of the same shape is noticed at decomposition
+    record["fused_sha256"] = fused_fingerprint(result.fused)
     if result.latent is not None:
         # the latent's own fingerprint: checked for every latent format, also NIfTI, which keeps
         # no header for the fused image's fingerprint (batch latents are .nii.gz by default)
@@ -680,6 +683,13 @@ def decompose_files(fused: PathLike, output1: PathLike, output2: PathLike, laten
     record = read_record(fused_path, volume)
     if record is not None:
         check_record_fits(record, volume, str(fused_path))
+        recorded = record.get("fused_sha256")
+        if recorded and volume.array.dtype != np.uint8 and recorded != fused_fingerprint(volume.array):
+            warning = (f"warning: {fused_path} differs from the fused image its fusion record was written with (a "
+                       "record of another fusion, or an image changed since, e.g. resampled); the source units come "
+                       "from that record")
+            log = options.get("log", print)
+            log(warning)
     latent_array = read_latent(latent, fused=volume) if latent is not None else None
     if latent_array is not None and options.get("samples", 1) > 1:
         raise OptionError(rule="excludes", options=("latent", "samples"))
