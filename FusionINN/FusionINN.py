@@ -633,8 +633,8 @@ class FusionINNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 "model": outputModel,
             }
             parameters = {
-                "dataDirectory": dataDirectory,
-                "outputModel": outputModel,
+                "dataDir": dataDirectory,  # the Slicer names of FusionINNLib.train_options (DATA_DIR, --output)
+                "output": outputModel,
                 "epochs": int(self.ui.trainEpochsSpinBox.value),
                 "device": p.device if p is not None else "auto",
                 "amp": bool(p.amp) if p is not None else False,
@@ -706,31 +706,10 @@ class FusionINNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.modelPath = pathlib.Path(modelPath)
 
     def _plotTrainingHistory(self, historyTable):
-        """One plot chart: total, fusion and decomposition loss per epoch, training solid and validation dashed."""
-        table = historyTable.GetTable() if historyTable is not None else None
-        if table is None or table.GetNumberOfRows() == 0:
-            return None
-        scene = slicer.mrmlScene
-        chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", scene.GenerateUniqueName("FusionINN training losses"))
-        chart.SetTitle(_("FusionINN training"))
-        chart.SetXAxisTitle(_("epoch"))
-        chart.SetYAxisTitle(_("loss"))
-        colors = {"loss": (0.1, 0.1, 0.1), "fusion": (0.85, 0.35, 0.1), "dec": (0.1, 0.45, 0.8)}
-        for part, color in colors.items():
-            for split, lineStyle in (("train", slicer.vtkMRMLPlotSeriesNode.LineStyleSolid),
-                                     ("val", slicer.vtkMRMLPlotSeriesNode.LineStyleDash)):
-                column = f"{split}_{part}"
-                if table.GetColumnByName(column) is None:
-                    continue
-                series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", scene.GenerateUniqueName(column))
-                series.SetAndObserveTableNodeID(historyTable.GetID())
-                series.SetXColumnName("epoch")
-                series.SetYColumnName(column)
-                series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
-                series.SetLineStyle(lineStyle)
-                series.SetColor(*color)
-                chart.AddAndObservePlotSeriesNodeID(series.GetID())
-        slicer.modules.plots.logic().ShowChartInLayout(chart)
+        """The loss curves as Slicer plot nodes (Slicer's Python has no matplotlib), shown in the layout."""
+        chart = self.logic.plotTrainingHistory(historyTable)
+        if chart is not None:
+            slicer.modules.plots.logic().ShowChartInLayout(chart)
         return chart
 
 

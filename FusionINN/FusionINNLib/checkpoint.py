@@ -79,6 +79,9 @@ def _read(path: Path) -> Any:
         raise FileNotFoundError(f"{path}: model file not found")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, not a model file")
+    if not hasattr(torch.serialization, "safe_globals"):  # torch < 2.5
+        raise CheckpointError(f"PyTorch {torch.__version__} is too old to load model files safely: FusionINN needs "
+                              "torch >= 2.5 (torch.serialization.safe_globals); upgrade torch")
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)

@@ -445,7 +445,7 @@ class FusionINNCoreLogic:
         wasModifying = tableNode.StartModify()
         try:
             tableNode.RemoveAllColumns()
-            # SetUseColumnNameAsColumnHeader is deprecated (vtkMRMLTableNode.h, 5.8 and later).
+            # (the ...ColumnName... variant of this call is deprecated: vtkMRMLTableNode.h, 5.8 and later)
             tableNode.SetUseColumnTitleAsColumnHeader(True)
             table = tableNode.GetTable()
             for column in columns:
@@ -667,6 +667,37 @@ class FusionINNCoreLogic:
 
     def sliceNodeByName(self, name):
         return self.scene.GetSingletonNode(name, "vtkMRMLSliceNode")
+
+    # -- training history --------------------------------------------------------------------
+    LOSS_CURVES = (("loss", (0.1, 0.1, 0.1)), ("fusion", (0.85, 0.35, 0.1)), ("dec", (0.1, 0.45, 0.8)),
+                   ("latent", (0.45, 0.65, 0.2)))
+
+    def plotTrainingHistory(self, historyTable):
+        """One plot chart of the history table (one row per epoch): total, fusion, decomposition and
+        latent loss, training solid and validation dashed. None when the table is empty."""
+        table = historyTable.GetTable() if historyTable is not None else None
+        if table is None or table.GetNumberOfRows() == 0 or table.GetColumnByName("epoch") is None:
+            return None
+        scene = self.scene
+        chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", scene.GenerateUniqueName("FusionINN training losses"))
+        chart.SetTitle(_("FusionINN training"))
+        chart.SetXAxisTitle(_("epoch"))
+        chart.SetYAxisTitle(_("loss"))
+        for part, color in self.LOSS_CURVES:
+            for split, lineStyle in (("train", slicer.vtkMRMLPlotSeriesNode.LineStyleSolid),
+                                     ("val", slicer.vtkMRMLPlotSeriesNode.LineStyleDash)):
+                column = f"{split}_{part}"
+                if table.GetColumnByName(column) is None:
+                    continue
+                series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", scene.GenerateUniqueName(column))
+                series.SetAndObserveTableNodeID(historyTable.GetID())
+                series.SetXColumnName("epoch")
+                series.SetYColumnName(column)
+                series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+                series.SetLineStyle(lineStyle)
+                series.SetColor(*color)
+                chart.AddAndObservePlotSeriesNodeID(series.GetID())
+        return chart
 
     # -- sample data -------------------------------------------------------------------------
     @staticmethod
