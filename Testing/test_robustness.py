@@ -1441,3 +1441,13 @@ def test_a_record_of_another_fusion_is_warned_about(tmp_path, model_path, capfd)
     shutil.copy(next(out.glob("*00002_fused.fusioninn.json")), record_sidecar(fused1))
     code, _, err = run_inprocess(capfd, *args)
     assert code == 0 and "differs from the fused image its fusion record was written with" in err, err
+
+
+def test_quiet_hides_progress_but_never_a_warning(tmp_path, model_path, capfd):
+    """A clamped or guessed result must not pass without a word, even with --quiet."""
+    t1 = write_image(tmp_path / "t1.nii.gz", brain(dtype=np.int16))
+    code, out, err = run_inprocess(capfd, "fuse", t1, t1, "-o", tmp_path / "f.nrrd", "--model", model_path,
+                                   "--device", "cpu", "--quiet")
+    assert code == 0 and err.strip().splitlines() == [line for line in err.strip().splitlines()
+                                                      if line.startswith("warning: ")]
+    assert "are the same file" in err and "wrote" not in err and "fuse:" not in err

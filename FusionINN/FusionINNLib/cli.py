@@ -26,7 +26,9 @@ class Reporter:
         self.open_line = False
 
     def log(self, message: str) -> None:
-        if not self.quiet:
+        # --quiet silences progress and information, never a warning: a clamped or guessed result
+        # must not pass without a word
+        if not self.quiet or message.startswith("warning:"):
             print(message, file=sys.stderr, flush=True)
 
     @contextmanager
@@ -73,7 +75,7 @@ def _non_negative_float(text: str) -> float:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or messages (warnings still print)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
