@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import json
 import logging
 import math
 import os
@@ -60,24 +59,10 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2  # argparse's own code for invalid arguments
 EXIT_CANCELLED = 130  # the shell convention for "terminated by Ctrl-C"
 
-# Parameters whose value 0 means "not set" (TrainingConfig uses None for these).
-ZERO_MEANS_UNSET = ("maxCases", "earlyStopping", "cropSize", "maxValidationSlices", "gradClip")
-# Bounds the training accepts, checked while parsing so that a bad value is reported with the
-# parameter's own name. (XML <constraints> would turn Slicer's spin boxes into sliders, which suit
-# bounded fractions such as alpha but not epoch counts; those fractions do have constraints.)
-VALUE_BOUNDS: Dict[str, Tuple[Optional[float], Optional[float]]] = {
-    "maxCases": (0, None),
-    "seed": (0, 2**32 - 1),
-    "blocks": (1, None),
-    "epochs": (1, None),
-    "batchSize": (1, None),
-    "patience": (0, None),
-    "earlyStopping": (0, None),
-    "cropSize": (0, None),
-    "maxValidationSlices": (0, None),
-    "gradClip": (0, None),
-}
-POSITIVE_VALUES = ("learningRate",)  # > 0, not just >= 0
+# The parameters, their bounds and what 0 means come from the one table of training options,
+# FusionINNLib.train_options (the XML is generated from it). Bounds are checked while parsing so that
+# a bad value is reported with the parameter's own name; XML <constraints> exist only for bounded
+# fractions (they turn Slicer's spin boxes into sliders, which do not suit epoch counts).
 
 SCALAR_TAGS = ("integer", "float", "double", "boolean", "string")
 PATH_TAGS = ("file", "directory", "image", "table", "geometry", "transform", "measurement", "pointfile")
@@ -87,7 +72,6 @@ PATH_TAGS = ("file", "directory", "image", "table", "geometry", "transform", "me
 # O(lines x output size), so one line per training step would make long runs slow to finish.
 PROGRESS_RESOLUTION = 0.001
 PROGRESS_MIN_INTERVAL_S = 10.0
-PREVIEW_SHARE = 0.05  # fraction of the progress bar for the preview fusion when one is requested
 
 
 class CLIError(Exception):
@@ -179,8 +163,21 @@ def read_parameters(xml_path: Path = XML_PATH) -> List[Parameter]:
     return parameters
 
 
+def _table_bounds() -> Dict[str, Tuple[Optional[float], Optional[float], bool, bool]]:
+    """Slicer name → (minimum, maximum, exclusive minimum, 0 = unset) from FusionINNLib.train_options,
+    or nothing when the library cannot be found yet (the training then reports that)."""
+    try:
+        ensure_library_importable()
+        from FusionINNLib.train_options import slicer_bounds
+    except (CLIError, ImportError):
+        return {}
+    return slicer_bounds()
+
+
 def _bounds(parameter: Parameter) -> Tuple[Optional[float], Optional[float]]:
-    low, high = VALUE_BOUNDS.get(parameter.name, (None, None))
+    low, high, _, zero_unset = _table_bounds().get(parameter.name, (None, None, False, False))
+    if zero_unset and low is not None and low > 0:
+        low = 0  # Slicer passes 0 for "not set"
     if parameter.minimum not in (None, ""):
         low = float(parameter.minimum)
     if parameter.maximum not in (None, ""):
@@ -192,7 +189,8 @@ def _number_parser(parameter: Parameter) -> Callable[[str], Any]:
     """argparse ``type=`` for an integer/float/double parameter, with its bounds in the message."""
     integer = parameter.tag == "integer"
     low, high = _bounds(parameter)
-    positive = parameter.name in POSITIVE_VALUES
+    _, _, exclusive, zero_unset = _table_bounds().get(parameter.name, (None, None, False, False))
+    positive = exclusive and not zero_unset  # > 0, not just >= 0
 
     def parse(text: str):
         try:
@@ -223,7 +221,27 @@ def _default_value(parameter: Parameter) -> Any:
         return "" if parameter.tag in ("string", "string-enumeration") else None
     if parameter.tag in ("integer", "float", "double"):
         return _number_parser(parameter)(parameter.default)
+    if parameter.tag == "float-vector":
+        return _vector_parser(parameter)(parameter.default)
     return parameter.default
+
+
+def _vector_parser(parameter: Parameter) -> Callable[[str], Any]:
+    """argparse ``type=`` for a ``float-vector`` (Slicer passes "0.5,0.5"): a list of floats, bounds checked."""
+    low, _ = _bounds(parameter)
+
+    def parse(text: str):
+        try:
+            values = [float(part) for part in str(text).split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{parameter.name} must be numbers separated by commas, got {text!r}") \
+                from None
+        if not all(math.isfinite(v) for v in values) or (low is not None and min(values) < low):
+            raise argparse.ArgumentTypeError(f"{parameter.name} must be finite numbers >= {low:g}, got {text}")
+        return values
+
+    parse.__name__ = "float-vector"
+    return parse
 
 
 class _PrintXML(argparse.Action):
@@ -271,6 +289,9 @@ def build_parser(parameters: Optional[Sequence[Parameter]] = None, xml_path: Pat
         elif parameter.tag in ("integer", "float", "double"):
             options["type"] = _number_parser(parameter)
             options["metavar"] = parameter.tag.upper()
+        elif parameter.tag == "float-vector":
+            options["type"] = _vector_parser(parameter)
+            options["metavar"] = "X,Y"
         elif parameter.tag.endswith("-enumeration"):
             options["choices"] = parameter.elements
         else:
@@ -469,75 +490,22 @@ def check_data_directory(path: str, modalities: Tuple[str, str]):
 
 
 def training_config(args: argparse.Namespace, training) -> Any:
-    """The :class:`TrainingConfig` for the parsed arguments (0 → unset where the XML says so)."""
-    values = vars(args)
-    unset = {name: (values[name] if values[name] else None) for name in ZERO_MEANS_UNSET}
-    labels = (args.labels or "").strip() or training.DEFAULT_LABELS
-    return training.TrainingConfig(
-        data_dir=str(Path(args.dataDirectory).expanduser()),
-        output=str(Path(args.outputModel).expanduser()),
-        run_dir=args.runDirectory or None,
-        history_table=args.historyTable or None,
-        metrics_table=args.metricsTable or None,
-        cache_dir=args.cacheDirectory or None,
-        modalities=(args.modality1, args.modality2),
-        labels=labels,
-        normalization=args.normalization,
-        epochs=args.epochs,
-        batch_size=args.batchSize,
-        lr=args.learningRate,
-        alpha=args.alpha,
-        lam=args.lambdaSSIM,
-        blocks=args.blocks,
-        prior=args.prior,
-        latent_loss=args.latentLoss,
-        val_fraction=args.validationFraction,
-        max_cases=unset["maxCases"],
-        seed=args.seed,
-        device=args.device,
-        amp=bool(args.amp),
-        resume=args.resume or None,
-        patience=args.patience,
-        early_stopping=unset["earlyStopping"],
-        grad_clip=float(unset["gradClip"]) if unset["gradClip"] else None,
-        crop_size=unset["cropSize"],
-        max_val_slices=unset["maxValidationSlices"],
-        intensity_jitter=args.intensityJitter,
-    )
+    """The :class:`TrainingConfig` for the parsed arguments, through the one option table
+    (:func:`FusionINNLib.train_options.config_from_slicer`: 0 → unset where the table says so)."""
+    from FusionINNLib.train_options import config_from_slicer
 
-
-def preview_case(data_dir: str, modalities: Sequence[str], preferred: Sequence[Sequence[str]]):
-    """The first case of the first non-empty id list in ``preferred`` (validation, then training
-    cases of the model), found under ``data_dir`` with the model's modalities."""
-    from FusionINNLib.brats import discover_cases
-
-    with _quiet_discovery():
-        cases = discover_cases(data_dir, tuple(modalities)).cases
-    by_id = {case.case_id: case for case in cases}
-    for ids in preferred:
-        for case_id in ids or []:
-            if case_id in by_id:
-                return by_id[case_id]
-    return cases[0]
+    values = config_from_slicer(vars(args))
+    values["data_dir"] = str(Path(values["data_dir"]).expanduser())
+    values["output"] = str(Path(values["output"]).expanduser())
+    return training.TrainingConfig(**values)
 
 
 def write_preview(model_path: Path, data_dir: str, output: str, device: str, log: Callable[[str], None]) -> str:
-    """Fuse one validation case with the trained model into ``output`` (with the fusion record)."""
-    from FusionINNLib.checkpoint import load_checkpoint
-    from FusionINNLib.pipeline import RECORD_KEY, fuse_volumes
-    from FusionINNLib.volume import read_volume, write_volume
+    """Fuse one validation case with the trained model into ``output`` (with the fusion record):
+    the training job's preview (:func:`FusionINNLib.jobs.folders.write_preview`), a fuse job."""
+    from FusionINNLib.jobs.folders import write_preview as preview
 
-    model = load_checkpoint(model_path)
-    metadata = model.metadata
-    modalities = list(metadata.get("modalities") or ())
-    data = metadata.get("data") or {}
-    case = preview_case(data_dir, modalities, [data.get("val_cases"), data.get("train_cases")])
-    paths = [case.path(name) for name in modalities]
-    fused = fuse_volumes(read_volume(paths[0]), read_volume(paths[1]), model,
-                         axis=int(metadata.get("axis", 0)), normalization=metadata.get("normalization", "volume"),
-                         device=device, log=log, input_names=(str(paths[0]), str(paths[1])))
-    write_volume(fused.fused, output, metadata={RECORD_KEY: json.dumps(fused.record)})
-    return case.case_id
+    return preview(model_path, data_dir, output, device, log)
 
 
 def format_return_value(value: Any) -> str:
@@ -565,12 +533,12 @@ def write_return_parameters(path: str, values: Dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace, reporter: Reporter, cancel: Callable[[], bool]) -> Dict[str, Any]:
-    """Check the data, train, write the preview; returns the return values."""
+    """Check the data, run the training job (training + preview); returns the return values."""
     modalities = (args.modality1, args.modality2)
     if modalities[0] == modalities[1]:
         raise CLIError(f"modality 1 and modality 2 are both {modalities[0]!r}; choose two different modalities")
-    reporter.start(f"Training FusionINN on {args.dataDirectory}")
-    discovery = check_data_directory(args.dataDirectory, modalities)
+    reporter.start(f"Training FusionINN on {args.dataDir}")
+    discovery = check_data_directory(args.dataDir, modalities)
     reporter.log(f"{len(discovery.cases)} usable case(s) with {' + '.join(modalities)} under {discovery.root}"
                  + (f"; {len(discovery.skipped)} case folder(s) skipped (listed below)" if discovery.skipped else ""))
 
@@ -579,16 +547,13 @@ def run(args: argparse.Namespace, reporter: Reporter, cancel: Callable[[], bool]
 
     allow_process_tuning()  # this CLI owns its process (the library never tunes Slicer's)
     config = training_config(args, training)
-    training_share = 1.0 - PREVIEW_SHARE if args.previewVolume else 1.0
+    from FusionINNLib.jobs import TrainRequest, run_train
 
-    def on_progress(fraction: float, message: str) -> None:
-        reporter.progress(fraction * training_share, message)
-
-    result = training.train(config, progress=on_progress, log=reporter.log, cancel=cancel)
+    request = TrainRequest(config.to_dict(), preview_output=args.previewVolume or None)
+    result = run_train(request, cancel=cancel, log=reporter.log,
+                       status=lambda fraction, message: reporter.progress(fraction, message))
     if args.previewVolume:
-        reporter.progress(training_share, "fusing a validation case for the preview", force=True)
-        case_id = write_preview(result.model_path, config.data_dir, args.previewVolume, config.device, reporter.log)
-        reporter.log(f"preview: case {case_id} fused with the new model -> {args.previewVolume}")
+        reporter.log(f"preview: case {result.preview_case} fused with the new model -> {args.previewVolume}")
     values = {
         "bestEpoch": int(result.best_epoch),
         "bestValidationLoss": float(result.best_val_loss),

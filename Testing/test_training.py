@@ -267,11 +267,11 @@ def test_early_stopping_and_the_scheduler_follow_the_epoch_mean_validation_loss(
 
 
 def test_cli_choices_match_the_library():
-    from FusionINNLib import cli, losses
+    from FusionINNLib import losses, train_options
 
-    assert cli.TRAIN_PRIORS == losses.PRIORS
-    assert cli.TRAIN_LATENT_LOSSES == losses.LATENT_LOSSES
-    assert cli.TRAIN_LATENT_LOSSES[0] == losses.DEFAULT_LATENT_LOSS
+    assert train_options.PRIORS == losses.PRIORS
+    assert train_options.LATENT_LOSSES == losses.LATENT_LOSSES
+    assert train_options.LATENT_LOSSES[0] == losses.DEFAULT_LATENT_LOSS
 
 
 def test_intensity_jitter_is_an_affine_map_per_sample_and_modality_reproducible_and_off_by_default():

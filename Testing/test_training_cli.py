@@ -117,6 +117,8 @@ def slicer_command_line(module, values: Dict[str, object], output_nodes: List[st
             if value:
                 arguments.append(flag)  # bare when true, absent when false
             continue
+        if parameter.typ.endswith("-vector") and isinstance(value, (list, tuple)):
+            value = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)  # Slicer keeps the text
         if parameter.typ in PASSED_WHEN_NOT_EMPTY:
             if value not in (None, ""):
                 arguments += [flag, str(value)]
@@ -173,9 +175,9 @@ def test_xml_parses_with_ctk_cli_without_warnings():
     assert [group.advanced for group in module].count(True) >= 1
     assert sum(1 for group in module if not group.advanced) >= 2
     names = [p.name for p in module.parameters()]
-    expected = {"dataDirectory", "modality1", "modality2", "labels", "maxCases", "validationFraction", "seed",
-                "blocks", "alpha", "lambdaSSIM", "prior", "epochs", "batchSize", "learningRate", "patience",
-                "device", "amp", "resume", "cropSize", "outputModel", "historyTable", "metricsTable",
+    expected = {"dataDir", "modality1", "modality2", "labels", "maxCases", "validationFraction", "seed",
+                "blocks", "alpha", "lambdaSsim", "prior", "epochs", "batchSize", "learningRate", "patience",
+                "device", "amp", "resume", "cropSize", "output", "historyTable", "metricsTable",
                 "previewVolume", "bestEpoch", "bestValidationLoss", "meanDecompositionSSIM"}
     assert expected <= set(names)
 
@@ -246,7 +248,7 @@ def test_choices_agree_with_the_core():
     assert (parameters["modality1"].default, parameters["modality2"].default) == defaults.modalities
     assert parameters["labels"].default == DEFAULT_LABELS == defaults.labels
     pairs = {"epochs": "epochs", "batchSize": "batch_size", "learningRate": "lr", "alpha": "alpha",
-             "lambdaSSIM": "lam", "blocks": "blocks", "prior": "prior", "latentLoss": "latent_loss",
+             "lambdaSsim": "lam", "blocks": "blocks", "prior": "prior", "latentLoss": "latent_loss",
              "validationFraction": "val_fraction", "seed": "seed", "device": "device", "amp": "amp",
              "patience": "patience", "normalization": "normalization"}
     for name, attribute in pairs.items():
@@ -294,7 +296,7 @@ def test_defaults_and_types_match_the_xml(parser):
     module, _ = parse_xml_with_ctk_cli()
     _, options, _ = module.classifyParameters()
     namespace = parser.parse_args(["data", "model.pt"])  # what the script uses for omitted options
-    assert (namespace.dataDirectory, namespace.outputModel) == ("data", "model.pt")
+    assert (namespace.dataDir, namespace.output) == ("data", "model.pt")
     for parameter in options:
         value = getattr(namespace, parameter.name)
         action = _action(parser, parameter.longflag)
@@ -312,7 +314,7 @@ def test_defaults_and_types_match_the_xml(parser):
             text = XML_DEFAULTS[parameter.name]
             assert getattr(parser.parse_args(["d", "m.pt", parameter.longflag, text]), parameter.name) == value
         if parameter.typ == "integer":
-            assert getattr(parser.parse_args(["d", "m.pt", parameter.longflag, "7"]), parameter.name) == 7
+            assert getattr(parser.parse_args(["d", "m.pt", parameter.longflag, "5"]), parameter.name) == 5
             assert _parses(parser, ["d", "m.pt", parameter.longflag, "2.5"]) is None
         if parameter.typ in ("float", "double"):
             assert _parses(parser, ["d", "m.pt", parameter.longflag, "abc"]) is None
@@ -554,10 +556,10 @@ def slicer_run(tmp_path_factory):
     temporary = root / "SlicerTemp"
     temporary.mkdir()
     module, _ = parse_xml_with_ctk_cli()
-    values = {"dataDirectory": str(data), "outputModel": str(root / "models" / "my model.pt"),
+    values = {"dataDir": str(data), "output": str(root / "models" / "my model.pt"),
               "epochs": 1, "batchSize": 8, "cropSize": 32, "maxValidationSlices": 4, "validationFraction": 0.5,
               "device": "cpu", "amp": True, "seed": 3, "blocks": 2, "learningRate": 0.0005, "alpha": 0.6,
-              "lambdaSSIM": 0.7, "patience": 3, "cacheDirectory": str(root / "cache"), "resume": ""}
+              "lambdaSsim": 0.7, "patience": 3, "cacheDir": str(root / "cache"), "resume": ""}
     arguments, files = slicer_command_line(module, values, ["historyTable", "metricsTable", "previewVolume"],
                                            temporary)
     completed = run_script(arguments)
@@ -568,9 +570,9 @@ def slicer_run(tmp_path_factory):
 def test_slicer_command_line_shape(slicer_run):
     arguments = slicer_run["arguments"]
     assert arguments[0] == "--returnparameterfile" and arguments[1].endswith(".params")
-    assert arguments[-2:] == [slicer_run["values"]["dataDirectory"], slicer_run["values"]["outputModel"]]
+    assert arguments[-2:] == [slicer_run["values"]["dataDir"], slicer_run["values"]["output"]]
     assert "--amp" in arguments and arguments[arguments.index("--amp") + 1].startswith("--")  # bare flag
-    assert "--resume" not in arguments and "--runDirectory" not in arguments  # empty paths are left out
+    assert "--resume" not in arguments and "--runDir" not in arguments  # empty paths are left out
     assert arguments[arguments.index("--historyTable") + 1].endswith(".tsv")
     assert arguments[arguments.index("--previewVolume") + 1].endswith(".nrrd")
 
@@ -640,7 +642,7 @@ def test_slicer_run_model_is_loadable_with_the_chosen_settings(slicer_run):
 
     assert slicer_run["completed"].returncode == 0
     values = slicer_run["values"]
-    loaded = load_checkpoint(values["outputModel"])
+    loaded = load_checkpoint(values["output"])
     assert loaded.config.blocks == 2
     assert loaded.metadata["modalities"] == ["t1ce", "flair"]
     config = loaded.metadata["training"]["config"]
@@ -648,7 +650,7 @@ def test_slicer_run_model_is_loadable_with_the_chosen_settings(slicer_run):
     assert config["lam"] == pytest.approx(0.7) and config["seed"] == 3 and config["amp"] is True
     assert config["crop_size"] == 32 and config["early_stopping"] is None and config["max_cases"] is None
     assert config["labels"] == "2,1|3" and config["patience"] == 3
-    run_dir = Path(values["outputModel"]).with_name("my model_run")
+    run_dir = Path(values["output"]).with_name("my model_run")
     assert (run_dir / "last.pt").is_file() and (run_dir / "split.json").is_file()
 
 

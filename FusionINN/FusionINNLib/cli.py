@@ -413,19 +413,6 @@ def _run_explain(args, reporter: Reporter) -> int:
 
 
 # -- train --------------------------------------------------------------------------------------
-def _fraction_arg(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
-# The same names as FusionINNLib.losses (checked by Testing/test_training.py); spelled out here so
-# that building the parser does not import torch.
-TRAIN_PRIORS = ("normal", "zeros", "ones", "uniform")
-TRAIN_LATENT_LOSSES = ("pixel_mmd", "moments", "reference_mmd", "none")
-
-
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train", help="train a model on BraTS-style cases",
@@ -437,74 +424,9 @@ def _add_train(sub) -> None:
                     "history and metrics tables (TSV + Slicer .schema.tsv) and loss_curves.png. OUTPUT is the "
                     "epoch with the lowest validation loss. Multi-GPU / multi-node: run under torchrun, e.g. "
                     "'torchrun --nproc_per_node=2 -m FusionINNLib.cli train DATA --output M.pt'.")
-    p.add_argument("data_dir", metavar="DATA_DIR", help="folder holding the case folders")
-    p.add_argument("--output", "-o", required=True, metavar="MODEL.pt", help="trained model to write")
-    p.add_argument("--run-dir", metavar="DIR", help="checkpoints, split, tables and plot (default: <MODEL>_run)")
-    p.add_argument("--history-table", metavar="H.tsv", help="per-epoch losses (default: RUN_DIR/history.tsv)")
-    p.add_argument("--metrics-table", metavar="M.tsv", help="final validation metrics (default: RUN_DIR/metrics.tsv)")
-    p.add_argument("--modalities", nargs=2, default=["t1ce", "flair"], metavar=("M1", "M2"),
-                   help="the two modalities, any BraTS alias (default: t1ce flair)")
-    p.add_argument("--labels", default="2,1|3", metavar="RULE",
-                   help="slice selection by segmentation labels: ',' = and, '|' = or (default '2,1|3': oedema and "
-                        "necrosis/non-enhancing, as the paper); 'brain' = every slice with brain in both "
-                        "modalities. Cases without a segmentation always use 'brain'.")
-    p.add_argument("--normalization", choices=("volume", "slice"), default="volume",
-                   help="intensity normalization, as at inference (default: volume)")
-    p.add_argument("--epochs", type=_positive_int, default=400, metavar="N", help="epochs (default: 400)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, metavar="B", help="batch size (default: 64)")
-    p.add_argument("--lr", type=float, default=3e-4, metavar="LR", help="Adam learning rate (default: 3e-4)")
-    p.add_argument("--alpha", type=_fraction_arg, default=0.5, metavar="A",
-                   help="weight of fusion + latent vs decomposition loss (default: 0.5)")
-    p.add_argument("--lam", type=_fraction_arg, default=0.8, metavar="L",
-                   help="SSIM share of the SSIM/L2 mix (default: 0.8)")
-    p.add_argument("--blocks", type=int, choices=range(1, 7), default=3, metavar="K",
-                   help="coupling blocks, 1-6 (default: 3)")
-    p.add_argument("--subnet-final-relu", action="store_true",
-                   help="end each coupling subnet with a ReLU as the authors' network (trains much slower; "
-                        "default: off)")
-    p.add_argument("--prior", choices=TRAIN_PRIORS, default="normal", help="latent prior (default: normal)")
-    p.add_argument("--latent-loss", choices=TRAIN_LATENT_LOSSES, default=TRAIN_LATENT_LOSSES[0],
-                   help="latent loss: pixel_mmd (default; shapes z), moments, reference_mmd (the authors', inert "
-                        "on image-sized z), none")
-    p.add_argument("--latent-weight", type=_non_negative_float, default=0.1, metavar="W",
-                   help="weight of the latent loss inside the fusion term (default: 0.1; the paper: 1)")
-    p.add_argument("--modality-weights", type=_non_negative_float, nargs=2, default=[0.5, 0.5], metavar=("W1", "W2"),
-                   help="per-modality weights of the SSIM and L2 terms (default: 0.5 0.5)")
-    p.add_argument("--adaptive-weights", action="store_true",
-                   help="MMIF-AMIN fusion weights from each source's average gradient (SSIM) and entropy (L2)")
-    p.add_argument("--val-fraction", type=float, default=0.2, metavar="F",
-                   help="fraction of subjects for validation (default: 0.2)")
-    p.add_argument("--max-cases", type=_positive_int, metavar="N", help="use only the first N cases")
-    p.add_argument("--seed", type=int, default=0, metavar="S",
-                   help="seed of split, crops, shuffling and latents (default: 0)")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--amp", action="store_true", help="mixed precision on CUDA (ignored on the CPU)")
-    p.add_argument("--resume", metavar="CKPT", help="continue a run from its last.pt (or its run directory)")
-    p.add_argument("--patience", type=int, default=8, metavar="P",
-                   help="epochs without improvement before the learning rate is multiplied by 0.95 (default: 8)")
-    p.add_argument("--early-stopping", type=_positive_int, metavar="N",
-                   help="stop after N epochs without validation improvement (default: off)")
-    p.add_argument("--grad-clip", type=float, metavar="G", help="clip the global gradient norm to G (default: off)")
-    p.add_argument("--crop-size", type=_positive_int, metavar="C",
-                   help="train on random CxC crops (multiple of 4, >= 16; much faster on a CPU; default: whole slices)")
-    p.add_argument("--intensity-jitter", type=_fraction_arg, default=0.0, metavar="J",
-                   help="augment: map each training input to g*x + o per sample and modality, g in [1-J, 1+J], "
-                        "o in [-J, J], for robustness to normalization differences between scanners "
-                        "(default: 0 = off; the bundled model used 0.1)")
-    p.add_argument("--gradient-weight", type=_non_negative_float, default=0.0, metavar="G",
-                   help="weight of the edge term inside the fusion loss: L1 between the fused image's finite "
-                        "differences and the stronger source's (default: 0 = the paper; the bundled model: "
-                        "see docs/models.md)")
-    p.add_argument("--init-model", metavar="MODEL.pt",
-                   help="start from this model's weights (fine-tuning, e.g. whole slices after crops); same "
-                        "architecture required (default: fresh initialisation)")
-    p.add_argument("--max-train-slices", type=_positive_int, metavar="N",
-                   help="train on N evenly spaced training slices (default: all)")
-    p.add_argument("--max-val-slices", type=_positive_int, metavar="N",
-                   help="validate on N evenly spaced validation slices (default: all)")
-    p.add_argument("--cache-dir", metavar="DIR",
-                   help="slice cache (default: $FUSIONINN_CACHE_DIR or ~/.cache/fusioninn/slices)")
-    p.add_argument("--num-workers", type=int, default=0, metavar="N", help="data-loader worker processes (default: 0)")
+    from .train_options import add_train_arguments
+
+    add_train_arguments(p)
     _add_common(p)
     p.set_defaults(run=_run_train)
 
@@ -516,20 +438,9 @@ def _run_train(args, reporter: Reporter) -> int:
 
     if int(os.environ.get("RANK", "0") or 0) > 0:
         reporter = Reporter(True)  # under torchrun only rank 0 reports
-    config = TrainingConfig(
-        data_dir=args.data_dir, output=args.output, run_dir=args.run_dir, history_table=args.history_table,
-        metrics_table=args.metrics_table, cache_dir=args.cache_dir, modalities=tuple(args.modalities),
-        labels=args.labels, normalization=args.normalization, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, alpha=args.alpha, lam=args.lam, blocks=args.blocks, prior=args.prior,
-        subnet_final_relu=args.subnet_final_relu,
-        latent_loss=args.latent_loss, latent_weight=args.latent_weight,
-        modality_weights=tuple(args.modality_weights), adaptive_weights=args.adaptive_weights,
-        val_fraction=args.val_fraction, max_cases=args.max_cases, seed=args.seed, device=args.device,
-        amp=args.amp, resume=args.resume, patience=args.patience, early_stopping=args.early_stopping,
-        grad_clip=args.grad_clip, crop_size=args.crop_size, max_val_slices=args.max_val_slices,
-        intensity_jitter=args.intensity_jitter, gradient_weight=args.gradient_weight,
-        init_model=args.init_model, max_train_slices=args.max_train_slices,
-        num_workers=args.num_workers)
+    from .train_options import config_from_cli
+
+    config = TrainingConfig(**config_from_cli(args))
     with reporter.progress("train") as update:
         def log(message: str) -> None:
             if reporter.quiet:

@@ -622,8 +622,10 @@ def check_latent_format(latent_path: Optional[PathLike]) -> None:
         raise VolumeError(f"{latent_path}: the latent needs a float format (.nrrd, .mha, .nii.gz)")
 
 
-def write_fused(output: FusionOutput, path: PathLike, latent_path: Optional[PathLike] = None) -> None:
-    """Fused image, JSON sidecar and (optionally) latent, all or nothing."""
+def write_fused(output: FusionOutput, path: PathLike, latent_path: Optional[PathLike] = None,
+                sidecar: bool = True) -> None:
+    """Fused image, JSON sidecar (unless ``sidecar`` is false, e.g. a preview in Slicer's temporary
+    folder: the NRRD/MHA header still carries the record) and (optionally) latent, all or nothing."""
     path = Path(path)
     record = as_record(output.record)
     check_latent_format(latent_path)
@@ -632,7 +634,8 @@ def write_fused(output: FusionOutput, path: PathLike, latent_path: Optional[Path
             if output.latent is None:
                 raise ValueError("no latent was kept: fuse with keep_latent=True")
             outputs.add_image(latent_image(output.latent, output.fused, output.record["axis"]), latent_path)
-        outputs.add_text(record.sidecar_text(), record_sidecar(path))
+        if sidecar:
+            outputs.add_text(record.sidecar_text(), record_sidecar(path))
         outputs.add_volume(output.fused, path, metadata=record.header_metadata())
 
 

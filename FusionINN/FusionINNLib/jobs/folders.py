@@ -1,6 +1,7 @@
 """Batch and training jobs: whole folders of cases (see :mod:`FusionINNLib.jobs` for the contract)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -123,7 +124,7 @@ def run_train(request: TrainRequest, progress: Optional[Progress] = None, cancel
                          str(result.history_path), str(result.metrics_path), str(result.run_dir),
                          None if result.plot_path is None else str(result.plot_path),
                          {k: float(v) for k, v in result.metrics.items()})
-    if request.preview_output:
+    if request.preview_output and int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun: rank 0 only
         if status is not None:
             status(share, "fusing a validation case for the preview")
         report.preview_case = write_preview(result.model_path, config.data_dir, request.preview_output,
@@ -159,7 +160,9 @@ def write_preview(model_path: Any, data_dir: str, output: str, device: str, log:
             break
     chosen = chosen or cases[0]
     paths = [str(chosen.path(name)) for name in modalities]
+    # No sidecar: the preview goes to a Slicer temporary file, whose NRRD header carries the record.
     run_fuse(FuseRequest(paths[0], paths[1], output=output, model=str(model_path), device=device,
-                         axis=int(metadata.get("axis", 0)), normalization=metadata.get("normalization", "volume")),
+                         axis=int(metadata.get("axis", 0)), normalization=metadata.get("normalization", "volume"),
+                         sidecar=False),
              log=log, models=models)
     return chosen.case_id

@@ -65,6 +65,7 @@ class FuseRequest(Message):
     normalization: str = "volume"
     amp: bool = False
     input_names: Optional[Tuple[str, str]] = None
+    sidecar: bool = True  # also write <output>.fusioninn.json (the header of .nrrd/.mha carries the record anyway)
 
 
 @dataclass
@@ -90,7 +91,7 @@ def run_fuse(request: FuseRequest, progress: Optional[Progress] = None, cancel: 
     options = dict(device=request.device, batch_size=request.batch_size, axis=request.axis,
                    normalization=request.normalization, amp=request.amp, progress=progress, cancel=cancel, log=log)
     if _is_path(request.input1) and _is_path(request.input2) and request.output is not None and \
-            request.input_names is None and (request.latent_output is not None or not keep_latent):
+            request.input_names is None and (request.latent_output is not None or not keep_latent) and request.sidecar:
         # Files in, files out: fuse_files checks the outputs before reading and frees the inputs
         # before the network runs.
         output = fuse_files(request.input1, request.input2, request.output, latent=request.latent_output,
@@ -99,13 +100,14 @@ def run_fuse(request: FuseRequest, progress: Optional[Progress] = None, cancel: 
         names = request.input_names or (_name(request.input1, "input1"), _name(request.input2, "input2"))
         if request.output is not None:
             inputs = [Path(p) for p in (request.input1, request.input2) if _is_path(p)]
-            check_outputs(inputs, [request.output, request.latent_output, record_sidecar(request.output)])
+            check_outputs(inputs, [request.output, request.latent_output,
+                                   record_sidecar(request.output) if request.sidecar else None])
             check_latent_format(request.latent_output)
         loaded = models.get(request.model)
         output = fuse_volumes(_volume(request.input1), _volume(request.input2), loaded, keep_latent=keep_latent,
                               input_names=tuple(names), **options)
         if request.output is not None:
-            write_fused(output, request.output, request.latent_output)
+            write_fused(output, request.output, request.latent_output, sidecar=request.sidecar)
     written = [] if request.output is None else [str(request.output)]
     if request.latent_output is not None:
         written.append(str(request.latent_output))
