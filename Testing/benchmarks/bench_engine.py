@@ -22,6 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "FusionINN"))
 
 from FusionINNLib.engine import SliceEngine  # noqa: E402
 from FusionINNLib.model import FusionFlow  # noqa: E402
+from FusionINNLib.process import allow_process_tuning  # noqa: E402
+
+allow_process_tuning()  # as the command line does (the library tunes no process by itself)
 
 
 def plain_loop(model: FusionFlow, x1: np.ndarray, x2: np.ndarray) -> np.ndarray:

@@ -36,6 +36,9 @@ from FusionINNLib import explain  # noqa: E402
 from FusionINNLib.checkpoint import bundled_model_path, resolve_model  # noqa: E402
 from FusionINNLib.model import FusionFlow, FusionINNConfig  # noqa: E402
 from FusionINNLib.normalization import normalize_volume  # noqa: E402
+from FusionINNLib.process import allow_process_tuning  # noqa: E402
+
+allow_process_tuning()  # as the command line does (the library tunes no process by itself)
 
 SHARED_BRATS = REPO.parent / "shared" / "data" / "brats" / "deepmedic_brats_2013_pat0005_1"
 GOAL_GUIDANCE_S = 30.0
