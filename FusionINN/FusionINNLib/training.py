@@ -51,7 +51,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -72,10 +71,8 @@ from .losses import (
     fusion_loss,
     gradient_loss,
     latent_loss,
-    per_image_ssim,
     sample_prior,
 )
-from .metrics import MetricWarning, fusion_metrics
 from .model import FusionFlow, FusionINNConfig
 from .normalization import MODES
 
@@ -589,13 +586,12 @@ def psnr(estimate: np.ndarray, reference: np.ndarray, data_range: float = 1.0) -
 
 
 def mean_slice_ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean over slices of the 2-D SSIM (pytorch-msssim, 11-px Gaussian window, data range 1)."""
-    values = []
-    for start in range(0, a.shape[0], 32):
-        ta = torch.from_numpy(np.array(a[start:start + 32], dtype=np.float32))[:, None]
-        tb = torch.from_numpy(np.array(b[start:start + 32], dtype=np.float32))[:, None]
-        values.append(per_image_ssim(ta, tb))
-    return float(torch.cat(values).double().mean())
+    """Mean over slices of the 2-D SSIM on the explicit scale of normalized units (data range 1):
+    the one scorer (:func:`FusionINNLib.scoring.pair_ssim`; pytorch-msssim's conventions, the same
+    numbers to ~1e-8 as the pytorch-msssim call this replaced, and faster on a CPU)."""
+    from .scoring import pair_ssim
+
+    return pair_ssim(np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32), data_range=1.0)
 
 
 def evaluate_case(flow: FusionFlow, slices1: np.ndarray, slices2: np.ndarray, *, samples: int = 1,
@@ -620,11 +616,13 @@ def evaluate_case(flow: FusionFlow, slices1: np.ndarray, slices2: np.ndarray, *,
         "decomposition_psnr_1": psnr(d1, x1),
         "decomposition_psnr_2": psnr(d2, x2),
     }
-    with warnings.catch_warnings():
-        # Degenerate slices (e.g. flat ones) give NaN or defined values with a MetricWarning; the
-        # table shows the values, a warning per case would only repeat them.
-        warnings.simplefilter("ignore", MetricWarning)
-        suite = fusion_metrics(c1, c2, fused, data_range=1.0, axis=0)["summary"]
+    # The one scorer on the explicit scale of normalized units (degenerate slices give NaN or
+    # defined values; its notes, not warnings, say so: the table shows the values).
+    from .scoring import score_fusion
+    from .volume import Volume
+
+    suite = score_fusion(Volume(c1), Volume(c2), Volume(np.asarray(fused, dtype=np.float32)), data_range=1.0,
+                         axis=0)["summary"]
     values.update({f"fusion_{name}": float(value) for name, value in suite.items()})
     return values
 
