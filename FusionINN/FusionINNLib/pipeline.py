@@ -686,13 +686,13 @@ def decompose_files(fused: PathLike, output1: PathLike, output2: PathLike, laten
     record = read_record(fused_path, volume)
     if record is not None:
         check_record_fits(record, volume, str(fused_path))
+    warning = None
+    if record is not None:
         recorded = record.get("fused_sha256")
         if recorded and volume.array.dtype != np.uint8 and recorded != fused_fingerprint(volume.array):
             warning = (f"warning: {fused_path} differs from the fused image its fusion record was written with (a "
                        "record of another fusion, or an image changed since, e.g. resampled); the source units come "
                        "from that record")
-            log = options.get("log", print)
-            log(warning)
     latent_array = read_latent(latent, fused=volume) if latent is not None else None
     if latent_array is not None and options.get("samples", 1) > 1:
         raise OptionError(rule="excludes", options=("latent", "samples"))
@@ -705,6 +705,9 @@ def decompose_files(fused: PathLike, output1: PathLike, output2: PathLike, laten
         if record is not None:
             check_latent_record(record, latent_array, str(latent))
     result = decompose_volume(volume, record, loaded, latent=latent_array, name=str(fused_path), **options)
+    if warning is not None:  # once the image proved to be a fused one (a broken image gets its error alone)
+        result.notes.append(warning)
+        options.get("log", print)(warning)
     if std1 is not None and result.std1 is None:
         raise OptionError(rule="at_least", options=("std1", "samples"), value=2)
     with OutputSet() as outputs:
