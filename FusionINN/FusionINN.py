@@ -404,6 +404,7 @@ class FusionINNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _runInWorker(self, title, prepare, op, paramsOf, finish, watchFolders=()):
         """prepare() reads the nodes here, the worker computes, finish() creates the nodes here."""
+        self._stopLiveJacobian()  # one job at a time: another job ends the live Jacobian
         if self._job is not None:
             slicer.util.warningDisplay(_("Another FusionINN job is running; wait for it or cancel it."))
             return

@@ -90,7 +90,13 @@ class FusionINNCoreLogic:
 
     def worker(self) -> WorkerClient:
         if self._worker is None:
-            self._worker = WorkerClient(self.workerCommand(), library_path=MODULE_DIRECTORY,
+            # In Slicer: the environment Slicer started with (PythonSlicer sets up its own, as
+            # slicer.util.launchConsoleProcess does for its processes); the module folder is added
+            # to PYTHONPATH so that the worker imports this FusionINNLib.
+            environment = None
+            if getattr(slicer, "app", None) is not None and hasattr(slicer.util, "startupEnvironment"):
+                environment = slicer.util.startupEnvironment()
+            self._worker = WorkerClient(self.workerCommand(), env=environment, library_path=MODULE_DIRECTORY,
                                         temp_root=self.temporaryDirectory())
         return self._worker
 
