@@ -231,7 +231,9 @@ def test_cli_fuse_and_decompose(tmp_path, pair_files, model_path):
     done = run_cli("decompose", tmp_path / "f.nrrd", "--output1", tmp_path / "a.nrrd", "--output2",
                    tmp_path / "b.nrrd", "--samples", "4", "--std1", tmp_path / "s1.nrrd", "--std2",
                    tmp_path / "s2.nrrd", "--model", model_path, "--quiet")
-    assert done.returncode == 0 and done.stderr == "" and done.stdout == ""
+    # --quiet leaves only warnings (this untrained model's sampled estimates get clamped)
+    assert done.returncode == 0 and done.stdout == ""
+    assert all(line.startswith("warning: ") for line in done.stderr.splitlines()), done.stderr
     assert (tmp_path / "s2.nrrd").is_file()
 
 

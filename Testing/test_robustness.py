@@ -1451,3 +1451,17 @@ def test_quiet_hides_progress_but_never_a_warning(tmp_path, model_path, capfd):
     assert code == 0 and err.strip().splitlines() == [line for line in err.strip().splitlines()
                                                       if line.startswith("warning: ")]
     assert "are the same file" in err and "wrote" not in err and "fuse:" not in err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["fuse", "a.nrrd"], "the following arguments are required: input2, --output/-o"),
+    (["decompose", "f.nrrd", "--output1", "a", "--output2", "b", "--temperature", "-1"], "--temperature"),
+    (["metrics", "a", "b", "f", "--data-range", "-1"], "argument --data-range: must be a finite number > 0"),
+    ([], "the following arguments are required: COMMAND"),
+])
+def test_argument_errors_are_one_line_with_exit_2(args, needle):
+    """argparse printed its whole usage block before the error; now one line like every other error."""
+    done = run_subprocess(*args, timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and needle in lines[0], done.stderr
+    assert lines[0].startswith("fusioninn") and "--help" in lines[0] and done.stdout == ""

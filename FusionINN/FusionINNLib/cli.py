@@ -238,7 +238,8 @@ def _add_metrics(sub) -> None:
     p.add_argument("--paper-compatible", action="store_true",
                    help="reproduce the authors' MATLAB numbers (centre-patch Q_XY/Q_P, side-by-side RGB Q_FMI, "
                         "8-bit quantisation) instead of the intended full-image definitions")
-    p.add_argument("--data-range", type=float, metavar="R", help="override the intensity range (images in [0, R])")
+    p.add_argument("--data-range", type=_positive_float, metavar="R",
+                   help="override the intensity range (images in [0, R])")
     p.add_argument("--json", action="store_true", help="print JSON (summary, per-slice values, notes) on stdout")
     p.add_argument("--as-given", action="store_true",
                    help="score even when INPUT1 or INPUT2 is a fused image (has a fusion record) and FUSED is not; "
@@ -463,8 +464,17 @@ COMMANDS.append(_add_explain)
 COMMANDS.append(_add_train)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors in the one-line form of every other error (argparse prints the whole
+    usage block first): ``fusioninn fuse: error: PROBLEM (see 'fusioninn fuse --help')``, exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {' '.join(message.split())} (see '{self.prog} --help')\n")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="fusioninn",
         description="Decomposable MRI fusion with an invertible flow (FusionINN): fuse two co-registered "
                     "images, decompose a fused image back into its sources, score and explain fusions.")
