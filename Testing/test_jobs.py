@@ -174,3 +174,40 @@ def test_worker_style_round_trip_in_a_subprocess(tmp_path, pair, model_path):
     local = jobs.run(request)
     np.testing.assert_array_equal(result.fused.array, local.fused.array)
     assert result.fused.spacing == local.fused.spacing
+
+
+def test_library_errors_name_no_flag_in_the_gui_wording(tmp_path, pair):
+    """Every typed error the library raises for option combinations, a device or a latent reads for
+    the GUI without a command-line flag, and for the CLI exactly as before."""
+    from FusionINNLib.batch import find_batch_cases
+    from FusionINNLib.engine import select_device
+    from FusionINNLib.errors import DeviceUnavailableError, FusionINNError
+    from FusionINNLib.explain import explain_files
+
+    raised = []
+    for run in (lambda: explain_files(pair[0], pair[1], tmp_path / "g1.nrrd", tmp_path / "g2.nrrd",
+                                      jacobian1=tmp_path / "j1.nrrd"),
+                lambda: explain_files(pair[0], pair[1], tmp_path / "g1.nrrd", tmp_path / "g2.nrrd",
+                                      jacobian1=tmp_path / "j1.nrrd", jacobian2=tmp_path / "j2.nrrd"),
+                lambda: explain_files(pair[0], pair[1], tmp_path / "g1.nrrd", tmp_path / "g2.nrrd", spacing=4,
+                                      approximate=True),
+                lambda: find_batch_cases(tmp_path, pattern1="*_a.nii.gz"),
+                lambda: find_batch_cases(tmp_path, pattern1="*.nii.gz", pattern2="*.nii.gz")):
+        with pytest.raises(FusionINNError) as caught:
+            run()
+        raised.append(caught.value)
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceUnavailableError) as caught:
+            select_device("cuda")
+        raised.append(caught.value)
+    assert [str(e) for e in raised[:5]] == [
+        "give both --jacobian1 and --jacobian2, or neither", "Jacobian images need --point i,j,k",
+        "give either --spacing or --approximate, not both", "give both --pattern1 and --pattern2, or neither",
+        "--pattern1 and --pattern2 must differ"]
+    for error in raised:
+        assert "--" in error.message("cli")
+        gui = user_message(error, "gui")
+        assert "--" not in gui and gui, gui
+        assert error_from_dict(jobs.error_to_dict(error)).message("gui") == gui

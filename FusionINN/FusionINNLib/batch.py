@@ -36,7 +36,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .atomic import atomic_write_text
-from .volume import UsageError, Volume, resample_like
+from .errors import OptionError
+from .volume import Volume, resample_like
 
 PathLike = Union[str, "os.PathLike[str]"]
 Log = Callable[[str], None]
@@ -134,7 +135,7 @@ def find_pattern_cases(root: PathLike, pattern1: str, pattern2: str) -> Tuple[Li
     """Pairs of files matching ``pattern1``/``pattern2`` (see module docstring) and the unpaired files."""
     root_path = Path(root)
     if pattern1 == pattern2:
-        raise UsageError("--pattern1 and --pattern2 must differ")
+        raise OptionError(rule="differ", options=("pattern1", "pattern2"))
     regex1, regex2 = _glob_regex(pattern1), _glob_regex(pattern2)
     if regex1.groups != regex2.groups:
         raise ValueError(f"patterns {pattern1!r} and {pattern2!r} must have the same wildcards (* and ?) "
@@ -177,7 +178,7 @@ def find_batch_cases(root: PathLike, modalities: Sequence[str] = ("t1ce", "flair
     if not root_path.is_dir():
         raise ValueError(f"{root_path}: is a file; give the folder that holds the cases")
     if (pattern1 is None) != (pattern2 is None):
-        raise UsageError("give both --pattern1 and --pattern2, or neither")
+        raise OptionError(rule="both", options=("pattern1", "pattern2"))
     if pattern1 is not None:
         cases, skipped = find_pattern_cases(root_path, pattern1, pattern2)
         if not cases:

@@ -20,6 +20,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
+from .errors import DeviceUnavailableError
 from .model import FusionFlow
 from .process import process_tuning_allowed
 
@@ -51,9 +52,9 @@ def select_device(name: str = "auto") -> torch.device:
             return torch.device("cuda")
         return torch.device("mps") if mps_available else torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA GPU is available (use --device cpu or auto)")
+        raise DeviceUnavailableError(device="cuda")
     if name == "mps" and not mps_available:
-        raise ValueError("device 'mps' requested but Apple MPS is not available (use --device cpu or auto)")
+        raise DeviceUnavailableError(device="mps")
     return torch.device(name)
 
 

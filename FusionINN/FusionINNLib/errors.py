@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
-from .volume import VolumeError
+from .volume import UsageError, VolumeError
 
 FrontEnd = Union[str, Mapping[str, str]]
 
@@ -120,6 +120,12 @@ class LatentMismatchError(FusionINNError, VolumeError):
     FIELDS = ("path", "reason", "latent_shape", "expected_shape")
 
     def message(self, front_end: FrontEnd = "cli") -> str:
+        if self.reason == "record":  # the fused image's record names another latent (SHA-256)
+            head = (f"{self.path}: latent does not belong to this fused volume (the fused image's record names another "
+                    "latent: written by another fusion, or changed since)")
+            if front_end == "cli":
+                return head + "; use the latent written with it, or decompose without a latent (--samples)"
+            return head + f"; use the latent kept with it, or untick {_label(front_end, 'latent')} to sample"
         if self.reason == "shape":
             head = (f"{self.path}: latent of shape {tuple(self.latent_shape or ())} does not belong to this fused "
                     f"volume (expected {tuple(self.expected_shape or ())})")
@@ -131,7 +137,7 @@ class LatentMismatchError(FusionINNError, VolumeError):
         return head + f"; use the latent kept with it, or untick {_label(front_end, 'latent')} to sample"
 
 
-class OptionError(FusionINNError, ValueError):
+class OptionError(FusionINNError, UsageError):
     """Request options that do not go together (``rule``: ``both``, ``one_of``, ``needs``, ``excludes``,
     ``at_least``); ``options`` are request field names."""
 

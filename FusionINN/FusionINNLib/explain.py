@@ -70,9 +70,10 @@ from torch import nn
 
 from .checkpoint import LoadedModel, resolve_model
 from .engine import CancelCheck, Cancelled, ProgressCallback, padded_size, select_device, tune_cpu_allocator
+from .errors import OptionError
 from .model import FusionFlow
 from .normalization import normalize_volume
-from .volume import OutputSet, UsageError, Volume, VolumeError
+from .volume import OutputSet, Volume, VolumeError
 
 TARGETS = ("fused", "logit")
 # Spacing of the approximate mode: 144 instead of 256 lattices (1.8x faster). Measured on the
@@ -802,11 +803,11 @@ def explain_files(input1: Any, input2: Any, guidance1: Any, guidance2: Any, *, r
     from .volume import read_volume
 
     if (jacobian1 is None) != (jacobian2 is None):
-        raise UsageError("give both --jacobian1 and --jacobian2, or neither")
+        raise OptionError(rule="both", options=("jacobian1", "jacobian2"))
     if jacobian1 is not None and point_ijk is None:
-        raise UsageError("Jacobian images need --point i,j,k")
+        raise OptionError(rule="needs", options=("jacobian1", "point_ijk"))
     if spacing is not None and approximate:
-        raise UsageError("give either --spacing or --approximate, not both")
+        raise OptionError(rule="one_of", options=("spacing", "approximate"))
     for path, what in ((guidance1, "a guidance map"), (guidance2, "a guidance map"),
                        (jacobian1, "a Jacobian image"), (jacobian2, "a Jacobian image")):
         _check_float_output(path, what)

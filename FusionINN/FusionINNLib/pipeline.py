@@ -481,9 +481,7 @@ def check_latent_record(record: Dict[str, Any], latent: np.ndarray, name: str) -
     """Refuse a latent that is not the one the fused image's record names (any latent format)."""
     recorded = record.get("latent_sha256")
     if recorded and recorded != latent_fingerprint(latent):
-        raise VolumeError(f"{name}: latent does not belong to this fused volume (the fused image's record names "
-                          "another latent: written by another fusion, or changed since); use the latent written "
-                          "with it, or decompose without a latent (--samples)")
+        raise LatentMismatchError(path=name, reason="record")
 
 
 def latent_image(latent: np.ndarray, reference: Volume, axis: int) -> sitk.Image:
