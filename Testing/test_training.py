@@ -152,6 +152,10 @@ def test_a_killed_run_resumes_from_its_last_complete_epoch(data_dir, tmp_path):
         process.stderr.close()
     assert process.returncode == -signal.SIGKILL
     assert not (out / "model.pt").exists()  # the model is written once, at the end
+    # what the Slicer module finds when Train is pressed again for the same output model
+    from FusionINNLib.slicer_support import resumable_checkpoint
+
+    assert resumable_checkpoint(out / "model.pt") == str(last)
 
     state = torch.load(last, map_location="cpu", weights_only=True)[training.STATE_KEY]
     done = state["epoch"]
