@@ -180,3 +180,18 @@ def test_record_helpers_agree_with_the_pipeline():
     assert support.BASELINE_METHODS == batch.BASELINE_METHODS
     for name in ("fused.nii.gz", "fused.nrrd", "a.b.mha", "x.tif"):
         assert support.record_sidecar_path(Path("/d") / name) == str(pipeline.record_sidecar(Path("/d") / name))
+
+
+def test_typed_errors_are_worded_for_the_gui(client, tmp_path):
+    from FusionINNLib.checkpoint import save_checkpoint
+    from FusionINNLib.model import FusionFlow, FusionINNConfig
+
+    other = tmp_path / "other.pt"
+    save_checkpoint(other, FusionFlow(FusionINNConfig()))
+    volume1, volume2 = _case()
+    fused = client.run("job", _fuse_request(volume1, volume2, keep_latent=False), timeout=300)
+    with pytest.raises(WorkerError) as raised:
+        client.run("job", {"kind": "decompose", "fused": fused["fused"], "record": fused["record"],
+                           "model": str(other), "device": "cpu"}, timeout=300)
+    assert raised.value.error_type == "ModelMismatchError"
+    assert "--model" not in str(raised.value) and "Model section" in str(raised.value)

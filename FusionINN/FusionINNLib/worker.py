@@ -173,12 +173,20 @@ class Worker:
             if context.cancelled():
                 self.send({"id": job_id, "type": "cancelled"})
             else:
-                self.send({"id": job_id, "type": "error", "message": " ".join(str(error).split())
-                           or type(error).__name__, "error_type": type(error).__name__,
-                           "traceback": traceback.format_exc()})
+                self.send({"id": job_id, "type": "error", "message": gui_message(error),
+                           "error_type": type(error).__name__, "traceback": traceback.format_exc()})
         finally:
             with self._current_lock:
                 self._current = None
+
+
+def gui_message(error: BaseException) -> str:
+    """One line for the Slicer module's user: typed errors (:mod:`FusionINNLib.errors`) are worded for
+    the GUI (controls, never command-line flags), others are their text."""
+    from .errors import FusionINNError
+
+    text = error.message("gui") if isinstance(error, FusionINNError) else str(error)
+    return " ".join(str(text).split()) or type(error).__name__
 
 
 def _version() -> str:
