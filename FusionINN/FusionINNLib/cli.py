@@ -500,6 +500,8 @@ def _terminate(signum, frame) -> None:
 STOPPED = {
     "batch": "the cases finished before are kept and listed in the summary",
     "train": "the last complete epoch is kept in the run folder's last.pt (continue with --resume)",
+    "demo": "the files finished before are kept, none is half-written",
+    "phantom": "the cases finished before are kept, none is half-written",
 }
 
 
