@@ -16,8 +16,11 @@ Names, provenance, metrics tables, compare layout, colour maps
     Output node names derived from the inputs, the node attributes recording where an output came
     from, the typed columns of the metrics table, the custom slice-view layout XML.
 Dependencies and background work
-    Which Python packages the core needs and which are missing; :class:`BackgroundJob`, a worker
-    thread with progress, log and cancel that the GUI polls from a ``QTimer``.
+    Which Python packages the core needs and which are missing (and whether the installed torch
+    is new enough); :class:`JobStatus`, what a poll of a job returns. The module runs its jobs in
+    the worker process (:mod:`FusionINNLib.worker_client`); :class:`BackgroundJob` (a thread in the
+    caller's process) is for scripts outside Slicer only: inside Slicer a Python thread starves,
+    because PythonQt never releases the GIL in Qt's event loop (``docs/slicer.md``).
 """
 from __future__ import annotations
 
@@ -610,7 +613,10 @@ Work = Callable[[Callable[[float], None], Callable[[], bool], Callable[[str], No
 
 
 class BackgroundJob:
-    """Run ``work(progress, is_cancelled, log)`` on a daemon thread; the GUI thread polls it.
+    """Run ``work(progress, is_cancelled, log)`` on a daemon thread; the caller's thread polls it.
+
+    Not for Slicer's process (its Python threads starve, see the module docstring); the FusionINN
+    module uses :class:`FusionINNLib.worker_client.WorkerClient` instead.
 
     Qt widgets and MRML nodes must only be touched from the main thread, so the worker never calls
     back into the GUI: it stores its progress fraction and log lines under a lock, and the module's
