@@ -431,15 +431,18 @@ def hold_gil_like_pythonqt(job, interval=0.1, timeout=600.0):
     run the module's QTimer callback (``job.poll()``), until the job is done; returns the seconds."""
     libc = ctypes.PyDLL(ctypes.util.find_library("c"))  # PyDLL: the GIL stays held during the call
     start = time.monotonic()
+    fractions = []
     while not job.finished:
         libc.usleep(int(interval * 1e6))
-        job.poll()
+        status = job.poll()
+        if not status.done:
+            fractions.append(status.fraction)
         assert time.monotonic() - start < timeout
-    return time.monotonic() - start
+    return time.monotonic() - start, fractions
 
 
 def test_a_gil_holding_main_thread_slows_a_job_by_no_more_than_its_start_up(logic, tmp_path):
-    t1ce, flair = _small_nodes(logic, shape=(32, 96, 96))
+    t1ce, flair = _small_nodes(logic, shape=(48, 96, 96))
     request = logic.prepareFuse(Params(inputVolume1=t1ce, inputVolume2=flair, batchSize=4))
     params = logic.fuseParams(request)
     fresh = WorkerClient(library_path=LIB_PATH, temp_root=str(tmp_path), env=WORKER_ENV)
@@ -455,8 +458,10 @@ def test_a_gil_holding_main_thread_slows_a_job_by_no_more_than_its_start_up(logi
             free.append(job.poll().elapsed)  # main thread free (polls every 10 ms)
             job.cleanup()
             job = fresh.submit("job", params)
-            held.append(hold_gil_like_pythonqt(job))
+            seconds, fractions = hold_gil_like_pythonqt(job)
+            held.append(seconds)
             assert job.poll().error is None
+            assert any(0.0 < f < 1.0 for f in fractions), f"progress is live under the held GIL: {fractions}"
             job.cleanup()
     finally:
         fresh.stop()
