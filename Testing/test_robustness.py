@@ -1465,3 +1465,17 @@ def test_argument_errors_are_one_line_with_exit_2(args, needle):
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and needle in lines[0], done.stderr
     assert lines[0].startswith("fusioninn") and "--help" in lines[0] and done.stdout == ""
+
+
+def test_a_sidecar_of_another_file_with_the_same_stem_is_not_taken_for_this_one(tmp_path, model_path, capfd):
+    """fuse case.nii.gz ... -o case.nrrd writes case.fusioninn.json, which also sits next to the
+    source case.nii.gz: the source is not a fused image (the record's fused_sha256 says whose it is)."""
+    source = write_image(tmp_path / "case.nii.gz", brain(dtype=np.int16))
+    flair = write_image(tmp_path / "flair.nii.gz", brain(seed=1, scale=300.0))
+    args = ["--model", model_path, "--device", "cpu"]
+    code, _, err = run_inprocess(capfd, "fuse", source, flair, "-o", tmp_path / "case.nrrd", *args)
+    assert code == 0 and (tmp_path / "case.fusioninn.json").is_file()
+    code, _, err = run_inprocess(capfd, "fuse", source, flair, "-o", tmp_path / "again.nrrd", *args)
+    assert code == 0 and "is a fused image" not in err, err
+    code, out, err = run_inprocess(capfd, "metrics", source, flair, tmp_path / "again.nrrd")
+    assert code == 0 and "Q_SSIM" in out

@@ -422,21 +422,36 @@ def read_record(fused_path: PathLike, volume: Optional[Volume] = None) -> Option
     return _read_record(fused_path, None if volume is None else volume.metadata)
 
 
-def has_fusion_record(path: PathLike) -> bool:
-    """Whether ``path`` is a fused image written by ``fuse``: a record sidecar next to it or the
-    record in its header (read without the voxels). Never raises."""
+def has_fusion_record(path: PathLike, volume: Optional[Volume] = None) -> bool:
+    """Whether ``path`` is a fused image written by ``fuse``: the record in its header (read
+    without the voxels), or a record sidecar next to it whose ``fused_sha256`` names these voxels
+    (a sidecar shares the stem of other files: ``case.fusioninn.json`` of ``case.nrrd`` sits next to
+    the source ``case.nii.gz`` too). ``volume``: the image, if already read. Never raises."""
     path = Path(path)
     try:
         if not path.is_file():
             return False  # reading it is left to the command, which says what is wrong
-        if record_sidecar(path).is_file():
-            return True
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        with native_output_captured():  # what the C++ readers print about an odd file
-            reader.ReadImageInformation()
-        return reader.HasMetaDataKey(RECORD_KEY)
-    except (RuntimeError, OSError, ValueError):
+        if volume is not None:
+            if RECORD_KEY in volume.metadata:
+                return True
+        else:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            with native_output_captured():  # what the C++ readers print about an odd file
+                reader.ReadImageInformation()
+            if reader.HasMetaDataKey(RECORD_KEY):
+                return True
+        sidecar = record_sidecar(path)
+        if not sidecar.is_file():
+            return False
+        recorded = json.loads(sidecar.read_text(encoding="utf-8")).get("fused_sha256")
+        if not recorded:
+            return True  # a record from before the fingerprint: trust the name
+        if volume is None:
+            with native_output_captured():
+                volume = read_volume(path)
+        return volume.array.dtype == np.uint8 or recorded == fused_fingerprint(volume.array)
+    except (RuntimeError, OSError, ValueError, AttributeError):
         return False
 
 
@@ -652,8 +667,8 @@ def fuse_files(input1: PathLike, input2: PathLike, output: PathLike, latent: Opt
     # normalized copies stay in memory while the network runs (see docs/robustness.md, memory).
     volume1, volume2 = read_volume(inputs[0]), read_volume(inputs[1])
     check_geometry_carried(inputs, (volume1, volume2))
-    for path in inputs:
-        if has_fusion_record(path):  # a likely mix-up of files; the fusion itself is well defined
+    for path, volume in zip(inputs, (volume1, volume2)):
+        if has_fusion_record(path, volume):  # a likely mix-up of files; the fusion itself is well defined
             volume1.notes.append(f"warning: {path} is a fused image (it has a fusion record), given as an input to "
                                  "fuse; did you mean a source image? (fused anyway)")
             options.get("log", print)(volume1.notes[-1])
