@@ -35,7 +35,13 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from FusionINNLib import slicer_support as support
-from FusionINNSlicerLib.logic import PHANTOM_SAMPLE_NAME, SAMPLE_FILES, FusionINNCoreLogic, phantomSampleURIs
+from FusionINNSlicerLib.logic import (
+    PHANTOM_SAMPLE_NAME,
+    SAMPLE_FILES,
+    FusionINNCoreLogic,
+    phantomSampleChecksums,
+    phantomSampleURIs,
+)
 
 TRAINING_MODULE_NAME = "FusionINNTraining"
 POLL_INTERVAL_MS = 100
@@ -86,6 +92,7 @@ def registerSampleData():
         sampleName=PHANTOM_SAMPLE_NAME,
         thumbnailFileName=os.path.join(iconsPath, "FusionINN.png"),
         uris=phantomSampleURIs(),
+        checksums=phantomSampleChecksums(),
         fileNames=[fileName for fileName, _nodeName, _className in SAMPLE_FILES],
         nodeNames=[nodeName for _fileName, nodeName, _className in SAMPLE_FILES],
         loadFileTypes=["VolumeFile"] * len(SAMPLE_FILES),

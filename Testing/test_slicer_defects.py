@@ -112,10 +112,15 @@ def test_sample_data_files_are_shipped_listed_and_need_no_torch(tmp_path):
 
 def test_sample_uris_are_file_uris_of_the_shipped_files():
     pytest.importorskip("slicer")
-    from FusionINNSlicerLib.logic import SAMPLE_FILES, phantomSampleURIs
+    import hashlib
+
+    from FusionINNSlicerLib.logic import SAMPLE_FILES, phantomSampleChecksums, phantomSampleURIs
 
     uris = phantomSampleURIs()
     assert len(uris) == len(SAMPLE_FILES) == 3
+    for uri, checksum in zip(uris, phantomSampleChecksums()):  # SampleData's "<algo>:<digest>" form
+        with urllib.request.urlopen(uri) as stream:
+            assert checksum == "SHA256:" + hashlib.sha256(stream.read()).hexdigest()
     for uri, (file_name, _node, _cls) in zip(uris, SAMPLE_FILES):
         assert uri.startswith("file://") and uri.endswith(file_name)
         with urllib.request.urlopen(uri) as stream:

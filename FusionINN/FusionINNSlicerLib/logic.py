@@ -729,6 +729,18 @@ class FusionINNCoreLogic:
         return nodes
 
 
+def phantomSampleChecksums():
+    """``SHA256:<hex>`` of each shipped phantom file: SampleData then replaces a stale cached copy."""
+    import hashlib
+
+    folder = FusionINNCoreLogic.sampleDataDirectory()
+    sums = []
+    for fileName, _nodeName, _className in SAMPLE_FILES:
+        with open(os.path.join(folder, fileName), "rb") as stream:
+            sums.append("SHA256:" + hashlib.sha256(stream.read()).hexdigest())
+    return sums
+
+
 def phantomSampleURIs():
     """``file://`` URIs of the shipped phantom files (SampleData copies them into its cache)."""
     import pathlib
