@@ -1479,3 +1479,14 @@ def test_a_sidecar_of_another_file_with_the_same_stem_is_not_taken_for_this_one(
     assert code == 0 and "is a fused image" not in err, err
     code, out, err = run_inprocess(capfd, "metrics", source, flair, tmp_path / "again.nrrd")
     assert code == 0 and "Q_SSIM" in out
+
+
+def test_an_unwritable_folder_is_named_not_the_temporary_file(tmp_path, model_path, capfd):
+    """'/proc/.x.nrrd.fozgjp3o.tmp.nrrd: no such file or directory' named a file the user never
+    asked for; the folder is named instead."""
+    if not Path("/proc/self").exists():
+        pytest.skip("needs Linux /proc (a folder where no file can be created, even as root)")
+    in1, in2 = _pair(brain())(tmp_path)
+    code, out, err = run_inprocess(capfd, "fuse", in1, in2, "-o", "/proc/fused.nrrd", "--model", model_path)
+    assert_one_line_error(code, out, err, "fuse", ("/proc: cannot create a file in this folder",))
+    assert ".tmp" not in err

@@ -26,7 +26,12 @@ def temporary_sibling(path: PathLike) -> Path:
     writers choosing the format from the name (SimpleITK, matplotlib) still do the right thing."""
     path = Path(path)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    try:
+        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    except OSError as error:
+        # the error names the random temporary file, which means nothing to the user: name the folder
+        reason = (error.strerror or type(error).__name__).lower()
+        raise type(error)(error.errno, f"cannot create a file in this folder ({reason})", str(path.parent)) from None
     os.close(handle)
     # mkstemp creates 0600 files; give the final file the permissions a plain open() would.
     os.chmod(name, 0o666 & ~_current_umask())
