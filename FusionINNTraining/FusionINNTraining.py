@@ -595,6 +595,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         reporter.error(f"{MODULE_NAME}: error: {error}")
         return EXIT_ERROR
     args = parser.parse_args(argv)  # exits with EXIT_USAGE and a message on invalid arguments
+    # From here on only the reporter's errors reach stderr: Python warnings and the notes libraries
+    # print to sys.stderr are not errors, and Slicer would report them as such.
+    saved_stderr, sys.stderr = sys.stderr, sys.stdout
+    try:
+        return _main(args, reporter)
+    finally:
+        sys.stderr = saved_stderr
+
+
+def _main(args: argparse.Namespace, reporter: Reporter) -> int:
     cancel = CancelFlag()
     cancel.install()
     try:

@@ -665,3 +665,28 @@ def test_slicer_run_preview_volume(slicer_run):
     assert 0.0 <= array.min() and array.max() <= 1.0 and array.std() > 0
     assert "FusionINN_record" in image.GetMetaDataKeys()
     assert not path.with_name(path.stem + ".fusioninn.json").exists()  # nothing extra in Slicer's temp folder
+
+
+def test_warnings_and_library_notes_of_a_successful_run_stay_off_stderr(tmp_path):
+    """Slicer reports any stderr output of a CLI as an error: a warning or a note a library prints
+    to sys.stderr during a successful run goes to stdout; errors still go to stderr."""
+    code = ("import runpy, sys, warnings\n"
+            f"namespace = runpy.run_path({str(SCRIPT)!r})\n"
+            "def fake_run(args, reporter, cancel):\n"
+            "    warnings.warn('a library warning', stacklevel=2)\n"
+            "    print('a note printed to sys.stderr', file=sys.stderr)\n"
+            "    reporter.log('a log line')\n"
+            "    if args.epochs == 7:\n"
+            "        raise ValueError('bad data')\n"
+            "    return {}\n"
+            "namespace['main'].__globals__['run'] = fake_run\n"
+            "sys.exit(namespace['main'](sys.argv[1:]))\n")
+    arguments = [sys.executable, "-c", code, str(tmp_path), str(tmp_path / "m.pt")]
+    completed = subprocess.run(arguments, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stderr == ""
+    for text in ("a library warning", "a note printed", "a log line"):
+        assert text in completed.stdout
+    completed = subprocess.run(arguments + ["--epochs", "7"], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 1
+    assert completed.stderr.strip().endswith("FusionINNTraining: error: bad data")
