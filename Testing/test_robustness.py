@@ -1490,3 +1490,16 @@ def test_an_unwritable_folder_is_named_not_the_temporary_file(tmp_path, model_pa
     code, out, err = run_inprocess(capfd, "fuse", in1, in2, "-o", "/proc/fused.nrrd", "--model", model_path)
     assert_one_line_error(code, out, err, "fuse", ("/proc: cannot create a file in this folder",))
     assert ".tmp" not in err
+
+
+def test_a_partial_overlap_is_warned_about(tmp_path, model_path, capfd):
+    """Input 2 shifted by half its width: outside it the resampled image is 0, which was only
+    called 'resampled'; now the coverage is said, as a warning below 90 %."""
+    in1 = write_image(tmp_path / "in1.nrrd", brain())
+    in2 = write_image(tmp_path / "in2.nrrd", brain(seed=1), origin=(12.0, 0.0, 0.0))
+    code, out, err = run_inprocess(capfd, "fuse", in1, in2, "-o", tmp_path / "f.nrrd", "--model", model_path,
+                                   "--device", "cpu", "--quiet")
+    assert code == 0, err
+    assert "warning: input 2 covers only 50 % of input 1's grid" in err and "co-registered" in err
+    notes = read_record(tmp_path / "f.nrrd", read_volume(tmp_path / "f.nrrd"))["notes"]
+    assert any("covers only 50 %" in note for note in notes)

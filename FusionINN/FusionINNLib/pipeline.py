@@ -48,7 +48,7 @@ from .volume import (
     VolumeError,
     check_complete_file,
     native_output_captured,
-    overlaps,
+    overlap_fraction,
     read_volume,
     resample_like,
 )
@@ -59,6 +59,8 @@ FUSED_RANGE_TOLERANCE = 0.01
 # A sampled estimate further than this fraction of the source range outside it is impossible,
 # not sampling noise (see _clamp_sampled).
 IMPLAUSIBLE_MARGIN = 0.1
+# Input 2 covering less than this fraction of input 1's grid makes the resampling note a warning.
+MIN_OVERLAP = 0.9
 PathLike = Union[str, "os.PathLike[str]"]
 Log = Callable[[str], None]
 
@@ -155,12 +157,20 @@ def prepare_inputs(volume1: Volume, volume2: Volume, log: Log = print) -> Tuple[
     notes = list(volume1.notes) + list(volume2.notes)
     if volume1.same_grid(volume2):
         return volume2, notes
-    if not overlaps(volume1, volume2):
+    covered = overlap_fraction(volume1, volume2)
+    if covered == 0.0:
         raise VolumeError("the two inputs do not overlap in physical space; are they co-registered?")
     moving = volume2.with_array(np.nan_to_num(volume2.array.astype(np.float32)))
     resampled = resample_like(moving, volume1)
     notes.append("input 2 resampled (linear) onto input 1's grid: their geometries differ")
     log(notes[-1])
+    if covered < 1.0:
+        # outside input 2's extent the resampled image is 0: a partial overlap is often a
+        # registration problem, and the fusion there sees input 1 alone
+        message = (f"input 2 covers only {100.0 * covered:.3g} % of input 1's grid; the rest is filled with 0 "
+                   "(input 1 alone is fused there)")
+        notes.append(("warning: " + message + "; are the inputs co-registered?") if covered < MIN_OVERLAP else message)
+        log(notes[-1])
     return resampled, notes
 
 

@@ -556,9 +556,14 @@ def write_volume(volume: Volume, path: PathLike, metadata: Optional[Dict[str, st
 
 def overlaps(reference: Volume, moving: Volume) -> bool:
     """Whether any voxel of ``reference`` lies inside ``moving``'s extent (any orientation)."""
+    return overlap_fraction(reference, moving) > 0.0
+
+
+def overlap_fraction(reference: Volume, moving: Volume) -> float:
+    """The fraction of ``reference``'s voxels that lie inside ``moving``'s extent."""
     ones = replace(moving, array=np.ones(moving.shape, dtype=np.float32), is_2d=False)
     probe = resample_like(ones, reference, interpolator=sitk.sitkNearestNeighbor)
-    return bool(probe.array.max() > 0.5)
+    return float(np.count_nonzero(probe.array > 0.5)) / max(1, probe.array.size)
 
 
 def resample_like(moving: Volume, reference: Volume, interpolator: int = sitk.sitkLinear,
