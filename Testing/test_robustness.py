@@ -1294,6 +1294,19 @@ def test_a_full_disk_says_no_space_left(tmp_path, model_path, capfd):
         assert_one_line_error(code, out, err, "fuse", ("no space left on device",))
         assert "ITK ERROR" not in err and "0x" not in err
         assert list(full.iterdir()) == []  # no half-written or temporary file
+        # the disk full already for the record sidecar (a Python write, not ITK): the target is named
+        filler = full / "filler.bin"
+        with open(filler, "wb", buffering=0) as handle:
+            try:
+                while True:
+                    handle.write(b"\0" * 4096)
+            except OSError:
+                pass
+        code, out, err = run_inprocess(capfd, "fuse", in1, in2, "-o", full / "f.nrrd", "--model", model_path,
+                                       "--device", "cpu", "--quiet")
+        assert_one_line_error(code, out, err, "fuse", ("f.fusioninn.json: no space left on device",))
+        assert ".tmp" not in err and "Errno" not in err
+        assert [p.name for p in full.iterdir()] == ["filler.bin"]
     finally:
         subprocess.run(["umount", str(full)], check=False)
 

@@ -47,9 +47,20 @@ def atomic_file(path: PathLike) -> Iterator[Path]:
     try:
         yield temp
         os.replace(temp, path)
+    except OSError as error:  # e.g. the disk filled up while writing: name the target, not the temp file
+        temp.unlink(missing_ok=True)
+        raise renamed_error(error, temp, path) from None
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+def renamed_error(error: OSError, temp: Path, path: Path) -> OSError:
+    """``error`` about the temporary file ``temp`` (or about no file: a failed flush) as an error
+    about its target ``path``."""
+    if error.errno is None or (error.filename is not None and str(error.filename) != str(temp)):
+        return error
+    return type(error)(error.errno, error.strerror, str(path))
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:

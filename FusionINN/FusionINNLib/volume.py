@@ -33,7 +33,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic import temporary_sibling
+from .atomic import renamed_error, temporary_sibling
 
 PathLike = Union[str, "os.PathLike[str]"]
 INTEGER_ONLY_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -497,7 +497,10 @@ class OutputSet:
         path = Path(path)
         temp = temporary_sibling(path)
         self._pending.append((temp, path))
-        write(temp)
+        try:
+            write(temp)
+        except OSError as error:
+            raise renamed_error(error, temp, path) from None
 
     def add_image(self, image: sitk.Image, path: PathLike) -> None:
         def write(temp: Path) -> None:
