@@ -1061,20 +1061,25 @@ def test_a_model_with_nan_weights_is_refused_everywhere(tmp_path, capfd):
     assert not (tmp_path / "trained.pt").exists()
 
 
-def test_a_network_that_outputs_nan_writes_nothing(tmp_path, model_path, monkeypatch):
-    """Item 4, second guard: outputs are checked before writing, whatever made them NaN."""
+def test_a_network_that_outputs_nan_writes_nothing(tmp_path, fused_set, capfd):
+    """Item 4, second guard: finite but huge weights (x1e18, a real model) overflow to NaN in the
+    network; every fused and decomposed volume is checked before it is written."""
+    flow = FusionFlow(seed=3)
+    with torch.no_grad():
+        for parameter in flow.parameters():
+            if parameter.is_floating_point():
+                parameter.mul_(1e18)
+    model = save_checkpoint(tmp_path / "huge.pt", flow)  # finite weights: loads and saves
     in1, in2 = _pair(brain())(tmp_path)
+    _copy_fused(fused_set, tmp_path)
     before = snapshot(tmp_path)
-    real_fuse = SliceEngine.fuse
-
-    def nan_fuse(self, *args, **kwargs):
-        result = real_fuse(self, *args, **kwargs)
-        result.fused[0, 0, 0] = np.nan
-        return result
-
-    monkeypatch.setattr(SliceEngine, "fuse", nan_fuse)
-    with pytest.raises(ValueError, match="produced NaN/Inf values"):
-        fuse_files(in1, in2, tmp_path / "f.nrrd", model=model_path, device="cpu", log=lambda m: None)
+    code, out, err = run_inprocess(capfd, "fuse", in1, in2, "-o", tmp_path / "f.nrrd", "--latent", tmp_path / "l.nrrd",
+                                   "--model", model, "--device", "cpu", "--quiet")
+    assert_one_line_error(code, out, err, "fuse", ("huge.pt", "produced NaN/Inf values"))
+    code, out, err = run_inprocess(capfd, "decompose", tmp_path / "f.nii.gz", "--output1", tmp_path / "a.nrrd",
+                                   "--output2", tmp_path / "b.nrrd", "--model", model, "--ignore-model-mismatch",
+                                   "--device", "cpu", "--quiet")
+    assert code == 1 and "produced NaN/Inf values" in err.strip().splitlines()[-1], err
     assert snapshot(tmp_path) == before
 
 
