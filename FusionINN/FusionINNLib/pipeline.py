@@ -369,14 +369,16 @@ def _clamp_sampled(x: np.ndarray, bounds: Tuple[float, float], index: int, notes
         return x
     margin = IMPLAUSIBLE_MARGIN * max(float(high) - float(low), 1e-12)
     far = int(np.count_nonzero((x < low - margin) | (x > high + margin)))
-    extremes = (float(x.min()), float(x.max()))
+    lowest, highest = float(x.min()), float(x.max())
     np.clip(x, low, high, out=x)
     message = (f"source {index}: {outside} sampled voxel estimate(s) ({100.0 * outside / x.size:.2g} %) outside the "
                f"source range {bounds[0]:.6g}..{bounds[1]:.6g} clamped to it")
     if far:
-        message = (f"warning: {message}; {far} of them were impossible values (down to {extremes[0]:.3g} / up to "
-                   f"{extremes[1]:.3g}), where the sampled inverse diverges next to saturated fused voxels; the kept "
-                   "latent (--latent) gives the exact sources")
+        extremes = [f"as low as {lowest:.3g}"] if lowest < low - margin else []
+        extremes += [f"as high as {highest:.3g}"] if highest > high + margin else []
+        message = (f"warning: {message}; {far} of them were impossible values ({', '.join(extremes)}), where the "
+                   "sampled inverse diverges next to saturated fused voxels; the kept latent (--latent) gives the "
+                   "exact sources")
     notes.append(message)
     log(notes[-1])
     return x
