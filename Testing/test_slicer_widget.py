@@ -326,3 +326,49 @@ def test_entering_twice_keeps_one_gui_connection(widget):
         assert len(wrapper.connected) == 1
     (mapping,) = wrapper.connected.values()
     assert mapping["inputVolume1"] is widget.ui.inputVolume1Selector
+
+
+def test_training_checks_the_folder_and_resumes_a_killed_run(widget, monkeypatch, tmp_path):
+    """Train button: an unset ctkDirectoryButton (".") is refused; with an unfinished run of the same
+    model the CLI gets --resume (slicer.cli.run stands in for Slicer's CLI runner, returning a real
+    vtkMRMLCommandLineModuleNode whose status the test sets as the CLI logic would)."""
+    calls = []
+
+    widget.scene.RegisterNodeClass(slicer.vtkMRMLCommandLineModuleNode())  # done by Slicer's CLI modules
+
+    def run(module, node, parameters, wait_for_completion=False):
+        calls.append(dict(parameters))
+        cli_node = widget.scene.AddNewNodeByClass("vtkMRMLCommandLineModuleNode")
+        cli_node.SetStatus(cli_node.Scheduled)
+        return cli_node
+
+    class ProgressBar(FakeWidget):
+        def setCommandLineModuleNode(self, node):
+            self.node = node
+
+    monkeypatch.setattr(slicer, "cli", types.SimpleNamespace(run=run), raising=False)
+    monkeypatch.setattr(slicer, "qSlicerCLIProgressBar", ProgressBar, raising=False)
+    monkeypatch.setattr(slicer.modules, "fusioninntraining", object(), raising=False)
+    monkeypatch.setattr(slicer.util, "confirmYesNoDisplay", lambda text, **kw: True, raising=False)
+
+    widget.ui.trainDataDirectoryButton.directory = "."  # what an unset ctkDirectoryButton returns
+    widget.ui.trainOutputModelPathLineEdit.currentPath = str(tmp_path / "model.pt")
+    widget.onStartTrainingButton()
+    assert calls == [] and "Choose the folder holding the BraTS-style cases" in widget.shown["errors"][-1]
+
+    data = tmp_path / "data"
+    data.mkdir()
+    widget.ui.trainDataDirectoryButton.directory = str(data)
+    widget.ui.trainEpochsSpinBox.value = 3
+    last = tmp_path / "model_run" / "last.pt"
+    last.parent.mkdir()
+    last.write_bytes(b"a finished epoch")
+    widget.onStartTrainingButton()
+    assert calls and calls[-1]["resume"] == str(last) and calls[-1]["dataDir"] == str(data)
+    node = widget._trainingNode
+    node.SetStatus(node.Running)
+    assert widget.ui.startTrainingButton.text == "Cancel training"
+    node.SetStatus(node.Cancelled)  # Slicer killed the CLI (SIGKILL)
+    assert "press Train again to resume it from" in widget.ui.statusLabel.text and str(last) in \
+        widget.ui.statusLabel.text
+    assert widget.ui.startTrainingButton.text == "Train"
