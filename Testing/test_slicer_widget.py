@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import vtk
 
 slicer = pytest.importorskip("slicer")
 if not hasattr(slicer, "vtkMRMLScene"):
@@ -372,3 +373,21 @@ def test_training_checks_the_folder_and_resumes_a_killed_run(widget, monkeypatch
     assert "press Train again to resume it from" in widget.ui.statusLabel.text and str(last) in \
         widget.ui.statusLabel.text
     assert widget.ui.startTrainingButton.text == "Train"
+    # a second run that completes: its history is plotted with plot nodes, the status says so
+    widget.onStartTrainingButton()
+    node = widget._trainingNode
+    history = widget._trainingOutputs["history"]
+    table = history.GetTable()
+    for name, values in (("epoch", [1, 2]), ("train_loss", [2.0, 1.0]), ("val_loss", [2.5, 1.5])):
+        array = vtk.vtkDoubleArray() if name != "epoch" else vtk.vtkIntArray()
+        array.SetName(name)
+        for value in values:
+            array.InsertNextValue(value)
+        table.AddColumn(array)
+    shown_charts = []
+    plots = types.SimpleNamespace(logic=lambda: types.SimpleNamespace(ShowChartInLayout=shown_charts.append))
+    monkeypatch.setattr(slicer.modules, "plots", plots, raising=False)
+    node.SetStatus(node.Running)
+    node.SetStatus(node.Completed)
+    assert "Training finished" in widget.ui.statusLabel.text
+    assert len(shown_charts) == 1 and shown_charts[0].GetNumberOfPlotSeriesNodes() == 2
