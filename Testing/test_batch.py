@@ -266,3 +266,34 @@ def test_cli_batch_reports_a_missing_folder_in_one_line(tmp_path, model_path):
     run = _cli("batch", tmp_path / "nowhere", "--output", tmp_path / "out", "--model", model_path)
     assert run.returncode == 1
     assert run.stderr.strip().count("\n") == 0 and "not found" in run.stderr
+
+
+def test_batch_under_torchrun_shares_the_cases_and_writes_one_summary(tmp_path, model_path):
+    """2 CPU ranks (gloo) fuse 3 cases between them; the summary and the fused images are those of
+    a single-process run."""
+    root = tmp_path / "cases"
+    for index in range(3):
+        name = f"BraTS2021_{index:05d}"
+        case = make_phantom_case(SHAPE, seed=10 + index)
+        _write(case["t1ce"], root / name / f"{name}_t1ce.nii.gz")
+        _write(case["flair"], root / name / f"{name}_flair.nii.gz")
+    # discovery skips a case without FLAIR: one skipped row, written once
+    _write(make_phantom_case(SHAPE, seed=9)["t1ce"], root / "BraTS2021_00009" / "BraTS2021_00009_t1ce.nii.gz")
+    single, _ = _run(root, tmp_path / "single", model_path, metrics=True)
+    env = dict(os.environ, PYTHONPATH=str(REPO / "FusionINN"), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "FusionINNLib.cli", "batch", str(root), "--output", str(tmp_path / "ranks"), "--model",
+               str(model_path), "--device", "cpu", "--metrics"]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rows = batch.read_summary(tmp_path / "ranks" / "summary.tsv")
+    expected = batch.read_summary(single.summary_path)
+    assert [(r["case"], r["status"]) for r in rows] == [(r["case"], r["status"]) for r in expected]
+    assert [r["status"] for r in rows].count("ok") == 3 and [r["status"] for r in rows].count("skipped") == 1
+    for row, reference in zip(rows, expected):
+        if row["status"] != "ok":
+            continue
+        assert Path(row["output"]).parent == tmp_path / "ranks"
+        np.testing.assert_array_equal(read_volume(row["output"]).array, read_volume(reference["output"]).array)
+        assert float(row["Q_SSIM"]) == pytest.approx(float(reference["Q_SSIM"]), rel=1e-9)
+    assert sorted(p.name for p in (tmp_path / "ranks").glob("*summary*")) == ["summary.schema.tsv", "summary.tsv"]

@@ -332,6 +332,11 @@ def run_batch(root: PathLike, output_dir: PathLike, *, modalities: Sequence[str]
     becomes a ``failed`` row with the error message and the batch continues; cases discovery
     skipped become ``skipped`` rows. When ``cancel()`` turns true the current case stops, the
     remaining ones are marked ``cancelled`` and the summary is still written.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the ranks share the cases (rank r fuses cases r, r + W,
+    ...; on CUDA each rank uses its ``LOCAL_RANK`` GPU), their outcomes are gathered (gloo, or the
+    group the caller has set up), every rank returns the whole result and rank 0 alone writes the
+    one summary, in discovery order, identical to a single-process run's.
     """
     from .checkpoint import LoadedModel, resolve_model
     from .engine import Cancelled
@@ -352,23 +357,31 @@ def run_batch(root: PathLike, output_dir: PathLike, *, modalities: Sequence[str]
         log("warning: no trained model found (bundled model missing, no --model given): "
             "using an untrained random model")
 
-    outcomes: List[CaseOutcome] = [CaseOutcome(str(path), "skipped", reason) for path, reason in skipped]
+    ranks = _BatchRanks.from_environment(device)
+    device = ranks.device
+    skipped_rows = [CaseOutcome(str(path), "skipped", reason) for path, reason in skipped]
+    outcomes: List[CaseOutcome] = list(skipped_rows)
     for path, reason in skipped:
         log(f"skipped {path}: {reason}")
     metric_names: List[str] = []
     cancelled = False
     total = len(cases)
+    mine = [n for n in range(total) if n % ranks.world == ranks.rank]
+    numbered: List[Tuple[int, CaseOutcome]] = []
     for number, (case, (fused_path, latent_path)) in enumerate(zip(cases, _output_paths(cases, out, output_format))):
+        if number % ranks.world != ranks.rank:
+            continue  # another rank's case
         outcome = CaseOutcome(case.case_id, "ok", input1=case.input1, input2=case.input2)
         if cancelled or (cancel is not None and cancel()):
             cancelled = True
             outcome.status, outcome.message = "cancelled", "batch cancelled before this case"
             outcomes.append(outcome)
+            numbered.append((number, outcome))
             continue
 
-        def case_progress(fraction: float, number: int = number) -> None:
+        def case_progress(fraction: float, position: int = mine.index(number)) -> None:
             if progress is not None:
-                progress((number + min(max(fraction, 0.0), 1.0)) / total)
+                progress((position + min(max(fraction, 0.0), 1.0)) / max(len(mine), 1))
 
         try:
             if fused_path.resolve() in (case.input1.resolve(), case.input2.resolve()):
@@ -408,11 +421,65 @@ def run_batch(root: PathLike, output_dir: PathLike, *, modalities: Sequence[str]
             for later in cases[number + 1:]:
                 outcomes.append(CaseOutcome(later.case_id, "cancelled", "batch interrupted before this case",
                                             input1=later.input1, input2=later.input2))
-            write_summary(outcomes, out / summary_name, metric_names)
+            if ranks.world == 1:
+                write_summary(outcomes, out / summary_name, metric_names)
             raise
         outcomes.append(outcome)
+        numbered.append((number, outcome))
         log(f"[{number + 1}/{total}] {case.case_id}: {outcome.status}"
             + (f" ({outcome.message})" if outcome.message else ""))
         case_progress(1.0)
-    summary_path = write_summary(outcomes, out / summary_name, metric_names)
+    summary_path = out / summary_name
+    if ranks.world > 1:
+        gathered = ranks.gather((numbered, metric_names, cancelled))
+        numbered = sorted((pair for part in gathered for pair in part[0]), key=lambda pair: pair[0])
+        metric_names = [name for part in gathered for name in part[1]]
+        metric_names = list(dict.fromkeys(metric_names))
+        cancelled = any(part[2] for part in gathered)
+        outcomes = skipped_rows + [outcome for _, outcome in numbered]
+    if ranks.rank == 0:
+        write_summary(outcomes, summary_path, metric_names)
+    ranks.close()
     return BatchResult(outcomes, summary_path, cancelled)
+
+
+@dataclass
+class _BatchRanks:
+    """This process's share of a batch under ``torchrun`` (one rank, the whole batch, otherwise)."""
+
+    rank: int = 0
+    world: int = 1
+    device: str = "auto"
+    created_group: bool = False
+
+    @classmethod
+    def from_environment(cls, device: str) -> _BatchRanks:
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world <= 1:
+            return cls(device=device)
+        import torch
+        import torch.distributed as dist
+
+        rank = int(os.environ.get("RANK", "0") or 0)
+        local_rank = int(os.environ.get("LOCAL_RANK", str(rank)) or 0)
+        if device in ("auto", "cuda") and torch.cuda.is_available():
+            device = f"cuda:{local_rank % torch.cuda.device_count()}"
+        created = False
+        if not dist.is_initialized():
+            dist.init_process_group(backend="gloo")  # only Python objects travel: gloo suits any device
+            created = True
+        return cls(dist.get_rank(), dist.get_world_size(), device, created)
+
+    def gather(self, value):
+        import torch.distributed as dist
+
+        parts = [None] * self.world
+        dist.all_gather_object(parts, value)
+        return parts
+
+    def close(self) -> None:
+        if self.created_group:
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()

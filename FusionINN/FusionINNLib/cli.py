@@ -211,11 +211,17 @@ def _run_batch(args, reporter: Reporter) -> int:
                            paper_compatible=args.paper_compatible, model=args.model, device=args.device,
                            batch_size=args.batch_size, axis=args.axis, normalization=args.normalization,
                            output_format=args.output_format)
+    import os
+
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank > 0:
+        reporter = Reporter(True)  # under torchrun the ranks share the cases; rank 0 reports
     with reporter.progress("batch") as progress:
         report = run_batch(request, progress=progress, log=reporter.log)
     reporter.log(report.description)
     if report.succeeded == 0:
-        print(f"fusioninn batch: error: no case was fused ({report.description})", file=sys.stderr)
+        if rank == 0:
+            print(f"fusioninn batch: error: no case was fused ({report.description})", file=sys.stderr)
         return 1
     return 0
 
