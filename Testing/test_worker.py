@@ -140,6 +140,7 @@ def test_stray_stdout_output_never_corrupts_the_replies(client):
     assert "not a reply" in client.log_tail(), "stdout output goes to the worker log"
 
 
+@pytest.mark.skipif(os.name == "nt", reason="SIGKILL is POSIX")
 def test_a_worker_that_dies_is_reported_with_its_exit_code(client):
     client.run("ping", timeout=300)
     job = client.submit("sleep", {"seconds": 30})
