@@ -196,3 +196,24 @@ def test_typed_errors_are_worded_for_the_gui(client, tmp_path):
                            "model": str(other), "device": "cpu"}, timeout=300)
     assert raised.value.error_type == "ModelMismatchError"
     assert "--model" not in str(raised.value) and "Model section" in str(raised.value)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="process liveness is checked on POSIX only")
+def test_temporary_folders_of_dead_processes_are_removed(tmp_path):
+    from FusionINNLib.worker_client import remove_stale_folders
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"FusionINN-{dead.pid}-abc"
+    (stale / "job-1").mkdir(parents=True)
+    alive = tmp_path / f"FusionINN-{os.getpid()}-xyz"
+    alive.mkdir()
+    other = tmp_path / "unrelated-folder"
+    other.mkdir()
+    assert remove_stale_folders(str(tmp_path)) == [str(stale)]
+    assert not stale.exists() and alive.exists() and other.exists()
+    client = WorkerClient(temp_root=str(tmp_path))
+    folder = client.new_folder()
+    assert folder.parent.name.startswith(f"FusionINN-{os.getpid()}-")
+    client.stop()
+    assert not folder.parent.exists()

@@ -11,7 +11,8 @@ Temporary files: every job gets its own folder ``<root>/job-<n>`` under the clie
 Slicer: a ``FusionINN-<pid>-*`` folder in Slicer's temporary directory), holding the inputs the
 module wrote and the outputs the worker wrote, as ``.npy`` files. The module reads the outputs into
 nodes and then calls :meth:`WorkerJob.cleanup`, which deletes the folder. The worker's stderr goes
-to ``<root>/worker.log`` (its tail is quoted when the worker dies).
+to ``<root>/worker.log`` (its tail is quoted when the worker dies). :meth:`WorkerClient.stop` deletes
+the root; the root of a process that died without stopping (a crash) is deleted by the next client.
 
 Cancel: :meth:`WorkerJob.cancel` sends ``cancel``; the core stops at its next check (between
 batches of slices). If no reply has come :data:`CANCEL_TIMEOUT` seconds later, the worker is killed
@@ -105,6 +106,36 @@ class _PipeReader:
         return [line.decode("utf-8", errors="replace") for line in lines if line.strip()]
 
 
+STALE_FOLDER = re.compile(r"^FusionINN-(\d+)-")
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":  # pragma: no cover - no cheap check without psutil: keep the folder
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_folders(parent: str) -> List[str]:
+    """Delete ``FusionINN-<pid>-*`` folders of processes that no longer run (a crashed Slicer)."""
+    removed = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = STALE_FOLDER.match(entry.name)
+        if match and entry.is_dir() and int(match.group(1)) != os.getpid() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
+
+
 def default_worker_command(python: Optional[str] = None) -> List[str]:
     return [python or sys.executable, "-m", "FusionINNLib.worker"]
 
@@ -155,6 +186,7 @@ class WorkerClient:
         if self.root is None or not self.root.is_dir():
             if self._temp_parent:
                 Path(self._temp_parent).mkdir(parents=True, exist_ok=True)
+            remove_stale_folders(self._temp_parent or tempfile.gettempdir())
             self.root = Path(tempfile.mkdtemp(prefix=f"FusionINN-{os.getpid()}-", dir=self._temp_parent))
         return self.root
 
