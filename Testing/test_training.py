@@ -299,3 +299,17 @@ def test_intensity_jitter_is_an_affine_map_per_sample_and_modality_reproducible_
     assert not torch.equal(jittered[0], training.SliceDataset([case], 4, 32, seed=7, jitter=0.1)[0])
     with pytest.raises(ValueError, match="intensity_jitter"):
         TrainingConfig(data_dir=".", output="m.pt", intensity_jitter=1.0).validate()
+
+
+def test_resume_reads_through_the_checkpoint_loader(tmp_path):
+    """A damaged or unsafe last.pt is refused by the checkpoint loader's one safe read, in one line."""
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"not a checkpoint at all")
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"training_state": Path("x")}, unsafe)  # a class weights_only refuses
+    for path, needle in ((damaged, "not a readable PyTorch checkpoint"), (unsafe, "refused unsafe unpickling")):
+        config = TrainingConfig(data_dir=str(tmp_path), output=str(tmp_path / "m.pt"), resume=str(path))
+        with pytest.raises(ValueError, match="cannot read the checkpoint to resume") as caught:
+            train(config)
+        assert needle in str(caught.value) and str(path) in str(caught.value)
+        assert "\n" not in str(caught.value)

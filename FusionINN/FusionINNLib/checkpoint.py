@@ -99,6 +99,13 @@ def _read(path: Path) -> Any:
         raise CheckpointError(f"{path}: {reason}") from None
 
 
+def read_payload(path: PathLike) -> Any:
+    """The object stored in a checkpoint file, read the one safe way (``weights_only=True``, the
+    NumPy scalars of the authors' files allow-listed) with this module's one-line messages; for
+    files that are not models, e.g. the training's resumable ``last.pt``."""
+    return _read(Path(path))
+
+
 def _unreadable_kind(path: Path) -> str:
     """Why torch could not read ``path``, from its first bytes (torch's messages say little)."""
     try:

@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_file, atomic_write_text
-from .checkpoint import FORMAT_VERSION, save_checkpoint
+from .checkpoint import FORMAT_VERSION, CheckpointError, read_payload, save_checkpoint
 from .engine import Cancelled, SliceEngine, logit, select_device, tune_cpu_allocator
 from .losses import (
     DEFAULT_LATENT_LOSS,
@@ -666,10 +666,9 @@ class _Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint to resume not found: {path}")
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - any unreadable file gets one clear message
-            raise ValueError(f"{path}: cannot read the checkpoint to resume ({str(error).splitlines()[0][:160]})") \
-                from None
+            payload = read_payload(path)  # the checkpoint loader's one safe read (weights_only)
+        except CheckpointError as error:
+            raise ValueError(f"cannot read the checkpoint to resume: {error}") from None
         if not isinstance(payload, dict) or STATE_KEY not in payload:
             raise ValueError(f"{path}: not a training checkpoint (no {STATE_KEY}); resume from run_dir/last.pt")
         state = payload[STATE_KEY]
