@@ -376,6 +376,10 @@ class FusionINNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             if status.cancelled:
                 self.ui.statusLabel.text = _("{title} cancelled; nothing was added to the scene.").format(title=title)
+            elif status.error is not None and self._liveJacobian and "session expired" in str(status.error):
+                # the worker restarted or its model changed: send the inputs again with the next update
+                self.logic.forgetJacobianSession()
+                self._jacobianPending = True
             elif status.error is not None:
                 self._showError(title, status.error)
             else:

@@ -391,3 +391,27 @@ def test_training_checks_the_folder_and_resumes_a_killed_run(widget, monkeypatch
     node.SetStatus(node.Completed)
     assert "Training finished" in widget.ui.statusLabel.text
     assert len(shown_charts) == 1 and shown_charts[0].GetNumberOfPlotSeriesNodes() == 2
+
+
+def test_live_jacobian_recovers_when_the_worker_drops_its_session(widget, tmp_path):
+    """A replaced model file (same path) makes the worker drop the inputs it held; the next update
+    sends them again instead of failing."""
+    import shutil
+
+    t1ce, _ = _inputs(widget)
+    model = tmp_path / "model.pt"
+    shutil.copy(REPO / "FusionINN" / "Resources" / "Models" / "fusioninn_default.pt", model)
+    p = widget._parameterNode
+    p.modelSource, p.modelPath = "file", model
+    crosshair = widget.scene.AddNewNodeByClass("vtkMRMLCrosshairNode")
+    ijk_to_ras = widget.logic.worldIJKToRAS(t1ce)
+    crosshair.SetCrosshairRAS(*(ijk_to_ras @ [20, 20, 8, 1])[:3])
+    widget.onJacobianButton()
+    _run_event_loop(widget)
+    stamp = model.stat().st_mtime
+    os.utime(model, (stamp + 10, stamp + 10))
+    crosshair.SetCrosshairRAS(*(ijk_to_ras @ [25, 22, 8, 1])[:3])
+    _run_event_loop(widget)
+    assert widget.shown["errors"] == [] and widget._liveJacobian
+    assert "ijk 25,22,8" in p.overlayVolume.GetName()
+    widget.onJacobianButton()

@@ -544,6 +544,10 @@ class FusionINNCoreLogic:
         return {"params": params, "index": index, "key": key,
                 "names": (node1.GetName(), node2.GetName())}
 
+    def forgetJacobianSession(self):
+        """The next Jacobian request sends the inputs again (the worker no longer holds them)."""
+        self._jacobianSession = None
+
     def finishJacobian(self, request, output, reuseNodes=True):
         """Show the Jacobian images; a live update refills the nodes of the previous one."""
         self._jacobianSession = (request["key"], self.worker().pid)
@@ -575,7 +579,7 @@ class FusionINNCoreLogic:
         except WorkerError as error:
             if "session expired" not in str(error):
                 raise
-            self._jacobianSession = None
+            self.forgetJacobianSession()
             request = self.prepareJacobian(p, self.crosshairRAS() if ras is None else ras)
             output = self.runJob("jacobian", request["params"])
         return self.finishJacobian(request, output, reuseNodes)
