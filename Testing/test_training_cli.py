@@ -690,3 +690,23 @@ def test_warnings_and_library_notes_of_a_successful_run_stay_off_stderr(tmp_path
     completed = subprocess.run(arguments + ["--epochs", "7"], capture_output=True, text=True, timeout=120)
     assert completed.returncode == 1
     assert completed.stderr.strip().endswith("FusionINNTraining: error: bad data")
+
+
+def test_a_successful_run_with_a_non_ansi_path_on_a_cp1252_stdout(tmp_path):
+    """What Windows gives a CLI started by Slicer: a cp1252 pipe. The whole run (log lines naming the
+    data folder, progress, return values) works and stderr stays empty."""
+    from FusionINNLib.phantom import write_phantom_cases
+
+    data = tmp_path / "données Ω 数据"
+    write_phantom_cases(data, cases=2, shape=(16, 48, 48), seed=1)
+    returns = tmp_path / "r.params"
+    arguments = [sys.executable, str(SCRIPT), "--returnparameterfile", str(returns), "--epochs", "1",
+                 "--batchSize", "8", "--cropSize", "32", "--maxValidationSlices", "2", "--validationFraction", "0.5",
+                 "--device", "cpu", str(data), str(tmp_path / "modèle.pt")]
+    completed = subprocess.run(arguments, capture_output=True, timeout=600,
+                               env=dict(os.environ, PYTHONIOENCODING="cp1252", PYTHONUTF8="0", OMP_NUM_THREADS="1"))
+    stdout, stderr = completed.stdout.decode("utf-8"), completed.stderr.decode("utf-8")
+    assert completed.returncode == 0, stderr[-2000:]
+    assert stderr == ""
+    assert str(data) in stdout and "</filter-end>" in stdout
+    assert (tmp_path / "modèle.pt").is_file() and "bestEpoch = 1" in returns.read_text(encoding="utf-8")
