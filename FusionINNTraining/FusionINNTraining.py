@@ -583,6 +583,18 @@ def utf8_streams() -> None:
                 pass
 
 
+def _worded(error: BaseException) -> str:
+    """The error for a Slicer user: typed library errors worded for the GUI (parameter labels,
+    never ``fusioninn`` flags), others as their text."""
+    try:
+        from FusionINNLib.errors import FusionINNError
+    except ImportError:
+        return str(error) or type(error).__name__
+    if isinstance(error, FusionINNError):
+        return error.message("gui")
+    return str(error) or type(error).__name__
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     utf8_streams()
     # Library warnings are notes, not errors: stdout (Slicer reports stderr as errors).
@@ -625,7 +637,7 @@ def _main(args: argparse.Namespace, reporter: Reporter) -> int:
         expected = isinstance(error, (CLIError, ValueError, OSError))
         if not expected:  # a bug rather than bad input: keep the trace for the report
             reporter.error("".join(traceback.format_exception(type(error), error, error.__traceback__)).rstrip())
-        message = str(error) or type(error).__name__
+        message = _worded(error)
         if isinstance(error, OSError) and error.filename and str(error.filename) not in message:
             message = f"{error.filename}: {message}"
         reporter.error(f"{MODULE_NAME}: error: {message}")

@@ -211,3 +211,28 @@ def test_library_errors_name_no_flag_in_the_gui_wording(tmp_path, pair):
         gui = user_message(error, "gui")
         assert "--" not in gui and gui, gui
         assert error_from_dict(jobs.error_to_dict(error)).message("gui") == gui
+
+
+@pytest.mark.parametrize("error", [
+    __import__("FusionINNLib.errors", fromlist=["x"]).OutOfMemoryError(device="cuda:0"),
+    __import__("FusionINNLib.errors", fromlist=["x"]).ModelNotFoundError(path="/x/fusioninn_default.pt"),
+    __import__("FusionINNLib.errors", fromlist=["x"]).TrainingDivergedError(detail="m.pt: not written"),
+])
+def test_every_typed_error_has_a_flag_free_gui_wording(error):
+    assert "--" in str(error) and "--" not in error.message("gui")
+    assert error_from_dict(json.loads(json.dumps(jobs.error_to_dict(error)))).message("gui") == error.message("gui")
+
+
+def test_save_checkpoint_refuses_nan_weights_with_a_typed_error(tmp_path):
+    import torch
+
+    from FusionINNLib.checkpoint import CheckpointError
+    from FusionINNLib.errors import TrainingDivergedError
+
+    model = FusionFlow(seed=1)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(CheckpointError) as caught:
+        save_checkpoint(tmp_path / "nan.pt", model)
+    assert isinstance(caught.value, TrainingDivergedError) and not (tmp_path / "nan.pt").exists()
+    assert "--learning-rate" in str(caught.value) and "'Learning rate'" in caught.value.message("gui")

@@ -354,7 +354,7 @@ def run_batch(root: PathLike, output_dir: PathLike, *, modalities: Sequence[str]
         raise PermissionError(f"{out}: output folder is not writable")
     loaded = model if isinstance(model, LoadedModel) else resolve_model(model)
     if loaded.origin == "random":
-        log("warning: no trained model found (bundled model missing, no --model given): "
+        log("warning: no trained model found (bundled model missing, no model file chosen): "
             "using an untrained random model")
 
     ranks = _BatchRanks.from_environment(device)

@@ -198,9 +198,13 @@ def save_checkpoint(path: PathLike, model: FusionFlow, metadata: Optional[Dict[s
     path = Path(path)
     broken = non_finite_weights(model.graph.state_dict())
     if broken:
-        raise CheckpointError(f"{path}: not written: {len(broken)} weight tensor(s) hold NaN/Inf values (e.g. "
-                              f"{broken[0]}); the training diverged (try a lower --lr or --grad-clip, or resume from "
-                              "the last good checkpoint)")
+        from .errors import TrainingDivergedError
+
+        class DivergedWeightsError(TrainingDivergedError, CheckpointError):
+            pass
+
+        raise DivergedWeightsError(detail=f"{path}: not written: {len(broken)} weight tensor(s) hold NaN/Inf values "
+                                          f"(e.g. {broken[0]})")
     payload: Dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -251,7 +255,9 @@ def resolve_model(model: Optional[PathLike] = None, allow_random: bool = True) -
     if default.is_file():
         return load_checkpoint(default)
     if not allow_random:
-        raise FileNotFoundError(f"{default}: bundled default model not found and no --model given")
+        from .errors import ModelNotFoundError
+
+        raise ModelNotFoundError(path=str(default))
     flow = FusionFlow(FusionINNConfig())
     flow.eval()
     return LoadedModel(flow, flow.config, {"warning": "untrained random model"}, "random", "", "random")

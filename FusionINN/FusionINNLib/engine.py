@@ -20,7 +20,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .errors import DeviceUnavailableError
+from .errors import DeviceUnavailableError, OutOfMemoryError
 from .model import FusionFlow
 from .process import process_tuning_allowed
 
@@ -180,9 +180,7 @@ class SliceEngine:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 if size == 1:
-                    raise RuntimeError(
-                        f"out of memory on {self.device} even with batch size 1; use --device cpu"
-                    ) from None
+                    raise OutOfMemoryError(device=str(self.device)) from None
                 self.batch_size = max(1, size // 2)
                 self.log(f"out of memory on {self.device}: retrying with batch size {self.batch_size}")
                 continue

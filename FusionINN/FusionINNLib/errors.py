@@ -42,6 +42,8 @@ CLI_OPTION_NAMES: Dict[str, str] = {
     "pattern1": "--pattern1",
     "pattern2": "--pattern2",
     "device": "--device",
+    "lr": "--learning-rate",
+    "grad_clip": "--grad-clip",
 }
 # request field -> what the Slicer module calls the control (never a flag)
 GUI_OPTION_NAMES: Dict[str, str] = {
@@ -59,6 +61,8 @@ GUI_OPTION_NAMES: Dict[str, str] = {
     "pattern1": "file pattern 1",
     "pattern2": "file pattern 2",
     "device": "Device",
+    "lr": "'Learning rate'",
+    "grad_clip": "'Gradient clipping'",
 }
 
 
@@ -181,8 +185,45 @@ class DeviceUnavailableError(FusionINNError, ValueError):
         return what + f" (choose cpu or auto as {_label(front_end, 'device')})"
 
 
+class OutOfMemoryError(FusionINNError, RuntimeError):
+    """The device ran out of memory even one slice at a time."""
+
+    KIND = "out_of_memory"
+    FIELDS = ("device",)
+
+    def message(self, front_end: FrontEnd = "cli") -> str:
+        head = f"out of memory on {self.device} even with batch size 1"
+        if front_end == "cli":
+            return head + "; use --device cpu"
+        return head + f"; choose cpu as {_label(front_end, 'device')}"
+
+
+class ModelNotFoundError(FusionINNError, FileNotFoundError):
+    """No model file was chosen and the bundled default model is not installed."""
+
+    KIND = "model_not_found"
+    FIELDS = ("path",)
+
+    def message(self, front_end: FrontEnd = "cli") -> str:
+        if front_end == "cli":
+            return f"{self.path}: bundled default model not found and no --model given"
+        return f"{self.path}: the bundled default model is not installed; choose a model file"
+
+
+class TrainingDivergedError(FusionINNError, RuntimeError):
+    """A training run whose weights or losses became NaN/Inf (``detail`` says where)."""
+
+    KIND = "training_diverged"
+    FIELDS = ("detail",)
+
+    def message(self, front_end: FrontEnd = "cli") -> str:
+        return (f"{self.detail}; the training diverged (try a lower {_label(front_end, 'lr')} or set "
+                f"{_label(front_end, 'grad_clip')}, or resume from the last good checkpoint)")
+
+
 ERROR_CLASSES = {cls.KIND: cls for cls in (ModelMismatchError, LatentMismatchError, OptionError,
-                                           DeviceUnavailableError)}
+                                           DeviceUnavailableError, OutOfMemoryError, ModelNotFoundError,
+                                           TrainingDivergedError)}
 
 
 def user_message(error: BaseException, front_end: FrontEnd = "cli") -> str:
@@ -203,5 +244,6 @@ def error_from_dict(data: Mapping[str, Any]) -> Optional[FusionINNError]:
 
 
 __all__ = ["FusionINNError", "ModelMismatchError", "LatentMismatchError", "OptionError", "DeviceUnavailableError",
+           "OutOfMemoryError", "ModelNotFoundError", "TrainingDivergedError",
            "CLI_OPTION_NAMES", "GUI_OPTION_NAMES", "user_message", "error_from_dict"]
 

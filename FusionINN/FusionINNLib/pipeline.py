@@ -377,7 +377,7 @@ def _clamp_sampled(x: np.ndarray, bounds: Tuple[float, float], index: int, notes
         extremes = [f"as low as {lowest:.3g}"] if lowest < low - margin else []
         extremes += [f"as high as {highest:.3g}"] if highest > high + margin else []
         message = (f"warning: {message}; {far} of them were impossible values ({', '.join(extremes)}), where the "
-                   "sampled inverse diverges next to saturated fused voxels; the kept latent (--latent) gives the "
+                   "sampled inverse diverges next to saturated fused voxels; the kept latent gives the "
                    "exact sources")
     notes.append(message)
     log(notes[-1])

@@ -726,7 +726,7 @@ class _Trainer:
         cases = list(discovery.cases)
         if c.max_cases is not None and len(cases) > c.max_cases:
             cases = cases[: c.max_cases]
-            self.log(f"using the first {c.max_cases} of {len(discovery.cases)} cases (--max-cases)")
+            self.log(f"using the first {c.max_cases} of {len(discovery.cases)} cases (maximum number of cases)")
         self.discovery = discovery
         self.train_cases, self.val_cases = split_subjects(cases, c.val_fraction, c.seed)
         if not self.val_cases:
@@ -1159,8 +1159,10 @@ class _Trainer:
                 break
         self.dist.barrier()
         if self.best_state is None:
-            raise RuntimeError("training produced no finite loss in any epoch; no model written "
-                               "(check the data, lower --lr or set --grad-clip)")
+            from .errors import TrainingDivergedError
+
+            raise TrainingDivergedError(detail="training produced no finite loss in any epoch; no model written "
+                                               "(check the data)")
         return self.finish(stopped_early)
 
     def finish(self, stopped_early: bool) -> TrainingResult:
