@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from .choices import BASELINE_METHODS as CLASSICAL_FUSION_METHODS  # defined once
+
 __all__ = ["CLASSICAL_FUSION_METHODS", "classical_fusion"]
 
-CLASSICAL_FUSION_METHODS = ("mean", "max", "weighted")
 
 
 def _check(x, name: str) -> np.ndarray:

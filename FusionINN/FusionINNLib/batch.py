@@ -36,6 +36,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .atomic import atomic_write_text
+from .choices import BASELINE_METHODS  # noqa: F401 - defined once, re-exported
 from .errors import OptionError
 from .volume import Volume, resample_like
 
@@ -45,7 +46,6 @@ STATUSES = ("ok", "failed", "skipped", "cancelled")
 OUTPUT_FORMATS = ("nii.gz", "nrrd", "mha")
 SUMMARY_NAME = "summary.tsv"
 BASE_COLUMNS = ("case", "status", "message", "input1", "input2", "output", "latent")
-BASELINE_METHODS = ("mean", "max", "weighted")
 
 
 @dataclass

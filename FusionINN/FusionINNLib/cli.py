@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, List, Optional
 
 from . import __version__
+from .choices import NORMALIZATIONS, PRIORS
 
 DEVICE_HELP = "compute device: auto (CUDA, then Apple MPS, then CPU), cpu, cuda or mps (default: auto)"
 
@@ -105,7 +106,7 @@ def _add_fuse(sub) -> None:
     _add_model_device(p)
     p.add_argument("--axis", type=int, choices=(0, 1, 2), default=0,
                    help="slice axis in numpy (k, j, i) order: 0 = axial for the usual RAS/LPS volumes (default)")
-    p.add_argument("--normalization", choices=("volume", "slice"), default="volume",
+    p.add_argument("--normalization", choices=NORMALIZATIONS, default="volume",
                    help="volume: robust per-volume map (0.5/99.5 percentiles of the foreground to 0/1, "
                         "no clipping; default); slice: per-slice min-max as the reference code")
     p.add_argument("--amp", action="store_true",
@@ -143,7 +144,7 @@ def _add_decompose(sub) -> None:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed for the latents (default: 0)")
     p.add_argument("--temperature", type=_non_negative_float, default=1.0, metavar="T",
                    help="standard deviation of the sampled latent (scales uniform too; default: 1)")
-    p.add_argument("--prior", choices=("normal", "zeros", "ones", "uniform"), default="normal",
+    p.add_argument("--prior", choices=PRIORS, default="normal",
                    help="latent prior: normal N(0, T^2), zeros, ones, or uniform T*U[0,1) (default: normal)")
     p.add_argument("--std1", metavar="S1", help="per-voxel standard deviation of source 1 (needs --samples >= 2)")
     p.add_argument("--std2", metavar="S2", help="per-voxel standard deviation of source 2")
@@ -197,7 +198,7 @@ def _add_batch(sub) -> None:
     _add_model_device(p)
     p.add_argument("--axis", type=int, choices=(0, 1, 2), default=0,
                    help="slice axis in numpy (k, j, i) order (default: 0)")
-    p.add_argument("--normalization", choices=("volume", "slice"), default="volume",
+    p.add_argument("--normalization", choices=NORMALIZATIONS, default="volume",
                    help="intensity normalization, as for 'fusioninn fuse' (default: volume)")
     _add_common(p)
     p.set_defaults(run=_run_batch)
@@ -395,7 +396,7 @@ def _add_explain(sub) -> None:
     _add_model_device(p, batch=False)
     p.add_argument("--axis", type=int, choices=(0, 1, 2), default=0,
                    help="slice axis in numpy (k, j, i) order, as for 'fusioninn fuse' (default: 0)")
-    p.add_argument("--normalization", choices=("volume", "slice"), default="volume",
+    p.add_argument("--normalization", choices=NORMALIZATIONS, default="volume",
                    help="intensity normalization, as for 'fusioninn fuse' (default: volume)")
     _add_common(p)
     p.set_defaults(run=_run_explain)
@@ -493,13 +494,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Terminated(BaseException):
-    """SIGTERM (``timeout``, a cluster scheduler) as an exception: like Ctrl-C it unwinds through
-    the all-or-nothing writers, which remove their temporary files, instead of killing the process
-    with the files in place."""
+    """SIGTERM (``timeout``, a cluster scheduler) or SIGHUP (the terminal closed) as an exception:
+    like Ctrl-C it unwinds through the all-or-nothing writers, which remove their temporary files,
+    instead of killing the process with the files in place."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _terminate(signum, frame) -> None:
-    raise Terminated()
+    import signal
+
+    # once is enough: a second signal must not interrupt the clean-up of the temporary files
+    for name in STOP_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+STOP_SIGNALS = tuple(name for name in ("SIGTERM", "SIGHUP") if hasattr(__import__("signal"), name))
 
 
 # What is left on disk when a command is stopped half-way.
@@ -544,18 +557,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     import signal
     import warnings
 
+    previous = {}
     try:
-        previous = signal.signal(signal.SIGTERM, _terminate)
+        for name in STOP_SIGNALS:
+            previous[name] = signal.signal(getattr(signal, name), _terminate)
     except ValueError:  # not the main thread (an embedding application): leave signals alone
-        previous = None
+        previous = {}
     format_warning, warnings.formatwarning = warnings.formatwarning, _warning_line
     try:
         return int(args.run(args, reporter) or 0)
     except (KeyboardInterrupt, Terminated) as stop:
-        what = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
-        print(("\n" if reporter.open_line else "")
-              + f"fusioninn {args.command}: {what}; {STOPPED.get(args.command, 'no output written')}", file=sys.stderr)
-        return 143 if isinstance(stop, Terminated) else 130
+        terminated = isinstance(stop, Terminated)
+        what = f"terminated ({signal.Signals(stop.signum).name})" if terminated else "interrupted"
+        try:
+            print(("\n" if reporter.open_line else "")
+                  + f"fusioninn {args.command}: {what}; {STOPPED.get(args.command, 'no output written')}",
+                  file=sys.stderr)
+        except OSError:
+            pass  # the terminal is gone (SIGHUP): the exit code still says it
+        return 128 + stop.signum if terminated else 130
     except Exception as error:  # noqa: BLE001 - the CLI's one place that turns errors into a line
         if getattr(args, "debug", False):
             raise
@@ -564,8 +584,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2 if _is_usage_error(error) else 1
     finally:
         warnings.formatwarning = format_warning
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
 
 
 def print_json(data) -> None:

@@ -20,17 +20,16 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
+from .choices import DEVICES, PRIORS  # defined once, re-exported
 from .errors import DeviceUnavailableError, OutOfMemoryError
 from .model import FusionFlow
 from .process import process_tuning_allowed
 
-PRIORS = ("normal", "zeros", "ones", "uniform")
 # On the CPU one forward pass holds at most this many (padded) pixels: batch 8 of 256x256 slices.
 # The activations of a batch (32 channels at full resolution, several alive at once) grow with
 # batch x height x width; capping their product keeps a 512x512x400 volume within its memory budget
 # (docs/robustness.md) and costs no speed, since 2 slices of 512x512 are as many pixels as 8 of 256x256.
 CPU_BATCH_PIXELS = 8 * 256 * 256
-DEVICES = ("auto", "cpu", "cuda", "mps")
 LOGIT_EPS = 1e-7
 ProgressCallback = Callable[[float], None]
 CancelCheck = Callable[[], bool]

@@ -71,9 +71,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from pytorch_msssim import ssim as _msssim_ssim
 
-PRIORS = ("normal", "zeros", "ones", "uniform")
-LATENT_LOSSES = ("pixel_mmd", "moments", "reference_mmd", "none")
-DEFAULT_LATENT_LOSS = "pixel_mmd"
+from .choices import DEFAULT_LATENT_LOSS, LATENT_LOSSES, PRIORS  # noqa: F401 - defined once, re-exported
+
 REFERENCE_MMD_WIDTHS = (0.05, 0.2, 0.9)
 SSIM_DATA_RANGE = 1.0
 ENTROPY_BINS = 256

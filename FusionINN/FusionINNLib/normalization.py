@@ -38,7 +38,8 @@ from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 
-MODES = ("volume", "slice")
+from .choices import NORMALIZATIONS as MODES  # defined once, re-exported
+
 ROBUST_PERCENTILES = (0.5, 99.5)
 BLOCK_VOXELS = 1 << 22  # 4 M voxels: 32 MiB per float64 block
 # Normalized values beyond [-4, 5] are outside the range where the flow inverts exactly in float32

@@ -34,6 +34,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from . import record as _record
+from .choices import BASELINE_METHODS  # noqa: F401 - defined once (FusionINNLib.choices), re-exported
 
 # -- geometry ---------------------------------------------------------------------------------
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -494,7 +495,6 @@ OVERLAY_COLORMAPS: Dict[str, str] = {
     "Grey": "vtkMRMLColorTableNodeGrey",
     "Diverging blue-red": "vtkMRMLColorTableNodeFileDivergingBlueRed.txt",
 }
-BASELINE_METHODS = ("mean", "max", "weighted")  # FusionINNLib.batch.BASELINE_METHODS (a test checks)
 STD_COLORMAP = "Inferno"           # uncertainty: perceptually uniform, dark = certain
 GUIDANCE_COLORMAP = "Viridis"
 DIFFERENCE_COLORMAP = "Diverging blue-red"  # signed: white at 0 with a symmetric window

@@ -37,13 +37,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from xml.sax.saxutils import escape
 
-# The same names as FusionINNLib.losses / normalization / engine / brats (checked by
-# Testing/test_train_options.py); spelled out here so that building a parser imports no torch.
-PRIORS = ("normal", "zeros", "ones", "uniform")
-LATENT_LOSSES = ("pixel_mmd", "moments", "reference_mmd", "none")
-NORMALIZATIONS = ("volume", "slice")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-MODALITIES = ("t1ce", "flair", "t1", "t2")
+from .choices import DEVICES, LATENT_LOSSES, NORMALIZATIONS, PRIORS
+from .choices import TRAINING_MODALITIES as MODALITIES
+
 DEFAULT_LABELS = "2,1|3"
 DEVICE_HELP = "compute device: auto (CUDA, then Apple MPS, then CPU), cpu, cuda or mps (default: auto)"
 
