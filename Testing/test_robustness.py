@@ -1083,12 +1083,19 @@ def test_a_network_that_outputs_nan_writes_nothing(tmp_path, fused_set, capfd):
     assert snapshot(tmp_path) == before
 
 
-def test_sigterm_while_writing_removes_the_temporary_files(tmp_path, model_path, capfd, monkeypatch):
-    """Item 5: SIGTERM arrives after the first output file was written to its temporary sibling
-    (the real signal, to this process, with the real handler the CLI installs)."""
+@pytest.mark.parametrize("signal_name, code", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_sigterm_while_writing_removes_the_temporary_files(signal_name, code, tmp_path, model_path, capfd,
+                                                           monkeypatch):
+    """Item 5: SIGTERM (or SIGHUP, a closed terminal) arrives after the first output file was
+    written to its temporary sibling (the real signal, to this process, with the real handler the
+    CLI installs)."""
     import signal
 
     from FusionINNLib.volume import OutputSet
+
+    if not hasattr(signal, signal_name):
+        pytest.skip(f"no {signal_name} on this platform")
+    number = getattr(signal, signal_name)
 
     in1, in2 = _pair(brain())(tmp_path)
     before = snapshot(tmp_path)
@@ -1097,15 +1104,17 @@ def test_sigterm_while_writing_removes_the_temporary_files(tmp_path, model_path,
     def add_then_terminate(self, write, path):
         real_add(self, write, path)
         assert any(p.name.startswith(".") for p in tmp_path.iterdir())  # a temporary file is there now
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), number)
+        os.kill(os.getpid(), number)  # a second one during the clean-up is ignored
 
+    handlers = {name: signal.getsignal(getattr(signal, name)) for name in ("SIGTERM", signal_name)}
     monkeypatch.setattr(OutputSet, "add_file", add_then_terminate)
-    code, out, err = run_inprocess(capfd, "fuse", in1, in2, "-o", tmp_path / "f.nrrd", "--latent",
-                                   tmp_path / "z.nrrd", "--model", model_path, "--device", "cpu", "--quiet")
-    assert code == 143 and out == ""
-    assert err.strip().splitlines() == ["fusioninn fuse: terminated (SIGTERM); no output written"]
+    result, out, err = run_inprocess(capfd, "fuse", in1, in2, "-o", tmp_path / "f.nrrd", "--latent",
+                                     tmp_path / "z.nrrd", "--model", model_path, "--device", "cpu", "--quiet")
+    assert result == code and out == ""
+    assert err.strip().splitlines() == [f"fusioninn fuse: terminated ({signal_name}); no output written"]
     assert snapshot(tmp_path) == before  # no hidden temporary file, no output
-    assert signal.getsignal(signal.SIGTERM) is not None  # the handler was put back
+    assert {name: signal.getsignal(getattr(signal, name)) for name in handlers} == handlers  # put back
 
 
 def test_sigterm_to_the_real_command_mid_run(tmp_path, model_path):
