@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, List, Optional
 
 from . import __version__
+from .choices import NORMALIZATIONS, PRIORS
 
 DEVICE_HELP = "compute device: auto (CUDA, then Apple MPS, then CPU), cpu, cuda or mps (default: auto)"
 
@@ -105,7 +106,7 @@ def _add_fuse(sub) -> None:
     _add_model_device(p)
     p.add_argument("--axis", type=int, choices=(0, 1, 2), default=0,
                    help="slice axis in numpy (k, j, i) order: 0 = axial for the usual RAS/LPS volumes (default)")
-    p.add_argument("--normalization", choices=("volume", "slice"), default="volume",
+    p.add_argument("--normalization", choices=NORMALIZATIONS, default="volume",
                    help="volume: robust per-volume map (0.5/99.5 percentiles of the foreground to 0/1, "
                         "no clipping; default); slice: per-slice min-max as the reference code")
     p.add_argument("--amp", action="store_true",
@@ -143,7 +144,7 @@ def _add_decompose(sub) -> None:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed for the latents (default: 0)")
     p.add_argument("--temperature", type=_non_negative_float, default=1.0, metavar="T",
                    help="standard deviation of the sampled latent (scales uniform too; default: 1)")
-    p.add_argument("--prior", choices=("normal", "zeros", "ones", "uniform"), default="normal",
+    p.add_argument("--prior", choices=PRIORS, default="normal",
                    help="latent prior: normal N(0, T^2), zeros, ones, or uniform T*U[0,1) (default: normal)")
     p.add_argument("--std1", metavar="S1", help="per-voxel standard deviation of source 1 (needs --samples >= 2)")
     p.add_argument("--std2", metavar="S2", help="per-voxel standard deviation of source 2")
@@ -197,7 +198,7 @@ def _add_batch(sub) -> None:
     _add_model_device(p)
     p.add_argument("--axis", type=int, choices=(0, 1, 2), default=0,
                    help="slice axis in numpy (k, j, i) order (default: 0)")
-    p.add_argument("--normalization", choices=("volume", "slice"), default="volume",
+    p.add_argument("--normalization", choices=NORMALIZATIONS, default="volume",
                    help="intensity normalization, as for 'fusioninn fuse' (default: volume)")
     _add_common(p)
     p.set_defaults(run=_run_batch)
@@ -395,7 +396,7 @@ def _add_explain(sub) -> None:
     _add_model_device(p, batch=False)
     p.add_argument("--axis", type=int, choices=(0, 1, 2), default=0,
                    help="slice axis in numpy (k, j, i) order, as for 'fusioninn fuse' (default: 0)")
-    p.add_argument("--normalization", choices=("volume", "slice"), default="volume",
+    p.add_argument("--normalization", choices=NORMALIZATIONS, default="volume",
                    help="intensity normalization, as for 'fusioninn fuse' (default: volume)")
     _add_common(p)
     p.set_defaults(run=_run_explain)
