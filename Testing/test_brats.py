@@ -452,3 +452,21 @@ def test_truncated_case_file_is_refused_when_loading_slices(tmp_path):
     case = discover_cases(tmp_path).cases[0]
     with pytest.raises(ValueError, match="flair"):
         load_case_slices(case, labels=None)
+
+
+def test_training_reads_geometry_and_refuses_misaligned_modalities(tmp_path):
+    """The case reader is read_volume (one reader): two modalities of one shape on different grids
+    (here: a shifted origin) would pair misaligned voxels, so the case is refused by name."""
+    folder = tmp_path / "BraTS2021_00002"
+    rng = np.random.default_rng(0)
+    write_image(folder / "BraTS2021_00002_t1ce.nii.gz", rng.random((8, 12, 12)).astype(np.float32))
+    shifted = sitk.GetImageFromArray(rng.random((8, 12, 12)).astype(np.float32))
+    shifted.SetOrigin((0.0, 30.0, 0.0))
+    sitk.WriteImage(shifted, str(folder / "BraTS2021_00002_flair.nii.gz"))
+    case = discover_cases(tmp_path).cases[0]
+    with pytest.raises(ValueError, match="same shape but different geometry"):
+        load_case_slices(case, labels=None)
+    shifted.SetOrigin((0.0, 0.0, 0.0))
+    sitk.WriteImage(shifted, str(folder / "BraTS2021_00002_flair.nii.gz"))
+    slices1, slices2, _ = load_case_slices(case, labels=None)
+    assert slices1.ndim == 3 and slices1.shape == slices2.shape

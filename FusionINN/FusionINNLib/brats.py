@@ -569,27 +569,26 @@ class CaseSlices(tuple):
         return (*self, self.from_cache, self.cache_path, self.normalization)
 
 
-def _read_image(path: Path) -> np.ndarray:
-    """Voxel array (z, y, x) of an image file, with the file name in any error."""
-    import SimpleITK as sitk
-
-    from .volume import check_complete_file, check_nifti_header_fits
+def _read_image(path: Path):
+    """The image as a :class:`~FusionINNLib.volume.Volume` (voxels *and* geometry) through the one
+    image reader, :func:`FusionINNLib.volume.read_volume` (its damaged-file checks included); a
+    training case needs 3-D scalar images. Errors name the file."""
+    from .volume import VolumeError, read_volume
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"image file not found: {path}")
-    check_nifti_header_fits(path)  # a damaged header must not make ITK allocate terabytes
     try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as error:
-        raise ValueError(f"cannot read image {path}: {str(error).strip().splitlines()[-1]}") from error
-    check_complete_file(path, image)  # some readers pad a truncated file with zeros instead of failing
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(
-            f"{path} has {image.GetNumberOfComponentsPerPixel()} components per voxel; need a scalar image"
-        )
-    if image.GetDimension() != 3:
-        raise ValueError(f"{path} is {image.GetDimension()}-D; need a 3-D volume")
-    return sitk.GetArrayFromImage(image)
+        volume = read_volume(path)
+    except VolumeError as error:
+        reason = str(error)
+        if reason.startswith(f"{path}: "):
+            reason = reason[len(f"{path}: "):]
+        raise ValueError(f"cannot read image {path}: {reason}") from None
+    if any("colour image converted" in note for note in volume.notes):
+        raise ValueError(f"{path} has colour components per voxel; need a scalar image")
+    if volume.is_2d:
+        raise ValueError(f"{path} is 2-D; need a 3-D volume")
+    return volume
 
 
 def _file_fingerprint(path: Path) -> str:
@@ -704,16 +703,23 @@ def load_case_slices(
             LOGGER.debug("slice cache hit for %s: %s", case.case_id, array_path)
             return cached
 
-    volume1 = _read_image(files[0])
-    volume2 = _read_image(files[1])
-    if volume1.shape != volume2.shape:
+    image1 = _read_image(files[0])
+    image2 = _read_image(files[1])
+    if image1.shape != image2.shape:
         raise ValueError(
-            f"case {case.case_id}: {files[0].name} has shape {volume1.shape} but {files[1].name} has "
-            f"{volume2.shape}; the modalities must be co-registered on one grid"
+            f"case {case.case_id}: {files[0].name} has shape {image1.shape} but {files[1].name} has "
+            f"{image2.shape}; the modalities must be co-registered on one grid"
         )
+    if not image1.same_grid(image2):  # same shape, other spacing/origin/direction: misaligned voxels
+        raise ValueError(
+            f"case {case.case_id}: {files[0].name} and {files[1].name} have the same shape but different "
+            "geometry (spacing, origin or direction); the modalities must be co-registered on one grid"
+        )
+    volume1, volume2 = image1.array, image2.array
+    del image1, image2
     seg = None
     if seg_path is not None:
-        seg = _read_image(seg_path)
+        seg = _read_image(seg_path).array
         if seg.shape != volume1.shape:
             raise ValueError(
                 f"case {case.case_id}: segmentation {seg_path.name} has shape {seg.shape}, "

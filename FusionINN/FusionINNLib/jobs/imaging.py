@@ -196,6 +196,8 @@ def run_decompose(request: DecomposeRequest, progress: Optional[Progress] = None
         raise OptionError(rule="both", options=("output1", "output2"))
     if (request.std1 is None) != (request.std2 is None):
         raise OptionError(rule="both", options=("std1", "std2"))
+    if request.std1 is not None and request.latent is None and request.samples < 2:  # before any work
+        raise OptionError(rule="at_least", options=("std1", "samples"), value=2)
     name = request.name or _name(request.fused, "the fused volume")
     inputs = [Path(request.fused)] if _is_path(request.fused) else []
     if _is_path(request.latent):
