@@ -33,12 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
-
 from .atomic import atomic_write_text
 from .choices import BASELINE_METHODS  # noqa: F401 - defined once, re-exported
 from .errors import OptionError
-from .volume import Volume, resample_like
+from .scoring import align_to_reference, baseline_fusions, difference_volume  # noqa: F401 - their home is scoring
+from .volume import Volume
 
 PathLike = Union[str, "os.PathLike[str]"]
 Log = Callable[[str], None]
@@ -204,14 +203,6 @@ def find_batch_cases(root: PathLike, modalities: Sequence[str] = ("t1ce", "flair
 
 
 # -- one triple -------------------------------------------------------------------------------
-def align_to_reference(reference: Volume, moving: Volume) -> Tuple[Volume, List[str]]:
-    """``moving`` on ``reference``'s grid (linear resampling only when the grids differ)."""
-    if reference.same_grid(moving):
-        return moving, []
-    resampled = resample_like(moving.with_array(np.nan_to_num(moving.array.astype(np.float32))), reference)
-    return resampled, ["resampled (linear) onto the first input's grid: their geometries differ"]
-
-
 def score_volumes(volume1: Volume, volume2: Volume, fused: Volume, *, mask: Optional[Volume] = None,
                   paper_compatible: bool = False, data_range: Optional[float] = None, axis: int = 0) -> dict:
     """The metric suite of one triple: :func:`FusionINNLib.scoring.score_fusion`, the one scorer
@@ -220,36 +211,6 @@ def score_volumes(volume1: Volume, volume2: Volume, fused: Volume, *, mask: Opti
 
     return score_fusion(volume1, volume2, fused, mask=mask, paper_compatible=paper_compatible,
                         data_range=data_range, axis=axis)
-
-
-def baseline_fusions(volume1: Volume, volume2: Volume, methods: Sequence[str] = BASELINE_METHODS,
-                     normalization: str = "volume", axis: int = 0) -> Dict[str, Volume]:
-    """The classical fusions (mean, max, weighted; FuseVis eq. 3) of the normalised inputs.
-
-    Both inputs go through the normalisation the network sees
-    (:func:`FusionINNLib.normalization.normalize_volume`) and are then clipped to [0, 1]: the
-    robust volume map leaves the background and the darkest 0.5 % slightly below 0, and the
-    weighted rule is only defined for non-negative intensities. The baselines are thus on the
-    fused volume's [0, 1] scale and on input 1's grid.
-    """
-    from .baselines import classical_fusion
-    from .normalization import normalize_volume
-
-    aligned2, _ = align_to_reference(volume1, volume2)
-    x1 = np.clip(normalize_volume(np.asarray(volume1.array), normalization, axis)[0], 0.0, 1.0)
-    x2 = np.clip(normalize_volume(np.asarray(aligned2.array), normalization, axis)[0], 0.0, 1.0)
-    return {method: volume1.with_array(np.asarray(classical_fusion(x1, x2, method), dtype=np.float32))
-            for method in methods}
-
-
-def difference_volume(decomposed: Volume, source: Volume) -> Volume:
-    """decomposed − source on the decomposed volume's grid (source resampled if needed), float32.
-
-    Both must be in the same units: decompositions made with a fusion record are in source units.
-    """
-    aligned, _ = align_to_reference(decomposed, source)
-    difference = np.asarray(decomposed.array, dtype=np.float32) - np.asarray(aligned.array, dtype=np.float32)
-    return decomposed.with_array(difference)
 
 
 # -- the batch --------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .choices import BASELINE_METHODS
 from .volume import Volume, VolumeError, overlaps, resample_like
 
 NOTE_INPUT2_RESAMPLED = "input 2 resampled (linear) onto input 1's grid: their geometries differ"
@@ -175,5 +176,45 @@ def pair_ssim(reference: np.ndarray, image: np.ndarray, data_range: float = 1.0)
                  ["summary"]["SSIM"])
 
 
+# -- what the score job compares besides the fusion (also used by the Slicer module) --------------
+def align_to_reference(reference: Volume, moving: Volume) -> Tuple[Volume, List[str]]:
+    """``moving`` on ``reference``'s grid (linear resampling only when the grids differ)."""
+    if reference.same_grid(moving):
+        return moving, []
+    resampled = resample_like(moving.with_array(np.nan_to_num(moving.array.astype(np.float32))), reference)
+    return resampled, ["resampled (linear) onto the first input's grid: their geometries differ"]
+
+
+def baseline_fusions(volume1: Volume, volume2: Volume, methods: Sequence[str] = BASELINE_METHODS,
+                     normalization: str = "volume", axis: int = 0) -> Dict[str, Volume]:
+    """The classical fusions (mean, max, weighted; FuseVis eq. 3) of the normalised inputs.
+
+    Both inputs go through the normalisation the network sees
+    (:func:`FusionINNLib.normalization.normalize_volume`) and are then clipped to [0, 1]: the
+    robust volume map leaves the background and the darkest 0.5 % slightly below 0, and the
+    weighted rule is only defined for non-negative intensities. The baselines are thus on the
+    fused volume's [0, 1] scale and on input 1's grid.
+    """
+    from .baselines import classical_fusion
+    from .normalization import normalize_volume
+
+    aligned2, _ = align_to_reference(volume1, volume2)
+    x1 = np.clip(normalize_volume(np.asarray(volume1.array), normalization, axis)[0], 0.0, 1.0)
+    x2 = np.clip(normalize_volume(np.asarray(aligned2.array), normalization, axis)[0], 0.0, 1.0)
+    return {method: volume1.with_array(np.asarray(classical_fusion(x1, x2, method), dtype=np.float32))
+            for method in methods}
+
+
+def difference_volume(decomposed: Volume, source: Volume) -> Volume:
+    """decomposed − source on the decomposed volume's grid (source resampled if needed), float32.
+
+    Both must be in the same units: decompositions made with a fusion record are in source units.
+    """
+    aligned, _ = align_to_reference(decomposed, source)
+    difference = np.asarray(decomposed.array, dtype=np.float32) - np.asarray(aligned.array, dtype=np.float32)
+    return decomposed.with_array(difference)
+
+
 __all__ = ["score_fusion", "score_decomposition", "pair_ssim", "align_input2", "mask_on_grid",
-           "decomposition_scale", "NOTE_INPUT2_RESAMPLED"]
+           "decomposition_scale", "NOTE_INPUT2_RESAMPLED", "align_to_reference", "baseline_fusions",
+           "difference_volume"]

@@ -323,7 +323,7 @@ def run_score(request: ScoreRequest, progress: Optional[Progress] = None, cancel
     report = ScoreReport(fusion=scored, notes=list(scored["notes"]), axis=axis)
     step()
     if request.baselines:
-        from ..batch import baseline_fusions
+        from ..scoring import baseline_fusions
 
         normalization = request.normalization or ((record or {}).get("normalization") or [{}])[0].get("mode") \
             or "volume"
