@@ -236,3 +236,31 @@ def test_save_checkpoint_refuses_nan_weights_with_a_typed_error(tmp_path):
         save_checkpoint(tmp_path / "nan.pt", model)
     assert isinstance(caught.value, TrainingDivergedError) and not (tmp_path / "nan.pt").exists()
     assert "--learning-rate" in str(caught.value) and "'Learning rate'" in caught.value.message("gui")
+
+
+def test_explain_job_in_memory_matches_the_files_it_writes(tmp_path, pair, model_path):
+    files = jobs.run(jobs.ExplainRequest(str(pair[0]), str(pair[1]), guidance1=str(tmp_path / "g1.nrrd"),
+                                         guidance2=str(tmp_path / "g2.nrrd"), slices="3:5", model=str(model_path),
+                                         device="cpu", point_ijk=(20, 18, 4), jacobian1=str(tmp_path / "j1.nrrd"),
+                                         jacobian2=str(tmp_path / "j2.nrrd")))
+    assert sorted(Path(p).name for p in files.written) == ["g1.nrrd", "g2.nrrd", "j1.nrrd", "j2.nrrd"]
+    memory = jobs.run(jobs.ExplainRequest(read_volume(pair[0]), read_volume(pair[1]), slices="3:5",
+                                          model=str(model_path), device="cpu", point_ijk=(20, 18, 4),
+                                          jacobians=True))
+    assert memory.written == [] and memory.description["slices"] == [3, 5]
+    np.testing.assert_allclose(memory.guidance1.array, read_volume(tmp_path / "g1.nrrd").array, atol=1e-6)
+    np.testing.assert_allclose(memory.jacobian2.array, read_volume(tmp_path / "j2.nrrd").array, atol=1e-6)
+    assert np.abs(memory.guidance1.array[3:5]).max() > 0 and not memory.guidance1.array[:3].any()
+
+
+def test_model_cache_loads_once_and_notices_a_replaced_file(tmp_path):
+    import os
+
+    path = save_checkpoint(tmp_path / "m.pt", FusionFlow(seed=1))
+    cache = jobs.ModelCache()
+    first = cache.get(str(path))
+    assert cache.get(str(path)) is first
+    save_checkpoint(path, FusionFlow(seed=2))
+    os.utime(path, (first_stamp := os.path.getmtime(path) + 5, first_stamp))
+    second = cache.get(str(path))
+    assert second is not first and second.sha256 != first.sha256
