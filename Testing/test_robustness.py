@@ -1192,7 +1192,13 @@ def test_metrics_with_the_fused_image_first_is_refused_unless_as_given(tmp_path,
     assert code == 0 and "Q_SSIM" in out
     code, out, err = run_inprocess(capfd, "metrics", tmp_path / "t1.nii.gz", tmp_path / "flair.nii.gz",
                                    tmp_path / "f.nii.gz")
+    assert code == 0 and "Q_SSIM" in out and "warning" not in err
+    code, out, err = run_inprocess(capfd, "metrics", tmp_path / "t1.nii.gz", tmp_path / "t1.nii.gz",
+                                   tmp_path / "f.nii.gz", "--quiet")
     assert code == 0 and "Q_SSIM" in out
+    assert err.strip().splitlines() == [f"warning: {tmp_path / 't1.nii.gz'} and {tmp_path / 't1.nii.gz'} are the same "
+                                        "file: the fusion is scored against one source twice; give the second source "
+                                        "as INPUT2 (scored anyway)"]
 
 
 def test_decompose_uses_the_model_recorded_by_fuse(tmp_path, model_path, capfd, monkeypatch):

@@ -266,6 +266,13 @@ def _run_metrics(args, reporter: Reporter) -> int:
         from .pipeline import check_metrics_order
 
         check_metrics_order(args.input1, args.input2, args.fused)
+    from pathlib import Path
+
+    from .pipeline import _same_file
+
+    if _same_file(Path(args.input1), Path(args.input2)):
+        reporter.log(f"warning: {args.input1} and {args.input2} are the same file: the fusion is scored against one "
+                     "source twice; give the second source as INPUT2 (scored anyway)")
     report = run_score(ScoreRequest(args.input1, args.input2, args.fused, mask=args.mask,
                                     paper_compatible=args.paper_compatible, data_range=args.data_range))
     result = report.fusion
