@@ -1536,3 +1536,14 @@ def test_a_partial_overlap_is_warned_about(tmp_path, model_path, capfd):
     assert "warning: input 2 covers only 50 % of input 1's grid" in err and "co-registered" in err
     notes = read_record(tmp_path / "f.nrrd", read_volume(tmp_path / "f.nrrd"))["notes"]
     assert any("covers only 50 %" in note for note in notes)
+
+
+def test_a_fused_image_without_its_record_is_warned_about_even_when_quiet(tmp_path, fused_set, model_path, capfd):
+    """Without the record the decomposition is in normalized units, not the sources': a warning."""
+    shutil.copy(fused_set / "f.nii.gz", tmp_path / "f.nii.gz")  # the sidecar left behind
+    code, out, err = run_inprocess(capfd, "decompose", tmp_path / "f.nii.gz", "--output1", tmp_path / "a.nrrd",
+                                   "--output2", tmp_path / "b.nrrd", "--model", model_path, "--device", "cpu",
+                                   "--quiet")
+    assert code == 0 and out == ""
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert any("has no fusion record" in w and "normalized units" in w for w in warnings), err

@@ -294,7 +294,9 @@ def decompose_volume(fused: Volume, record: Optional[Dict[str, Any]] = None,
         params = (NormalizationParams.from_dict(record["normalization"][0]),
                   NormalizationParams.from_dict(record["normalization"][1]))
     else:
-        notes.append("no fusion record: decomposed images are in normalized units [0, 1], slices along axis 0")
+        notes.append(f"warning: {name} has no fusion record: the decomposed images are in normalized units (about "
+                     "0..1), not the sources' units, slices along axis 0; keep the .fusioninn.json sidecar (or an "
+                     ".nrrd/.mha fused image) next to the fused image")
         log(notes[-1])
     engine = SliceEngine(model.model, device, batch_size, progress=progress, cancel=cancel, log=log)
     std = (None, None)
