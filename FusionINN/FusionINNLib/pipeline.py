@@ -393,7 +393,7 @@ def fused_values(array: np.ndarray, name: str, notes: List[str], log: Log) -> np
     a note, since the quantisation makes the decomposition approximate.
     """
     if array.dtype == np.uint8:
-        notes.append(f"{name}: 8-bit fused image read as value/255; 8-bit quantisation makes the "
+        notes.append(f"warning: {name}: 8-bit fused image read as value/255; 8-bit quantisation makes the "
                      "decomposition approximate (use a float format such as .nrrd for exact results)")
         log(notes[-1])
         return array.astype(np.float32) / np.float32(255.0)
