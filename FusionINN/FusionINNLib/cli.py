@@ -1,7 +1,9 @@
 """The ``fusioninn`` command line: argument parsing and printing only; the work is in the library.
 
 Exit codes: 0 success, 1 error (one line on stderr, no traceback unless ``--debug``),
-2 usage error, 130 interrupted.
+2 usage error (argument errors included, also one line), 130 interrupted (Ctrl-C), 143 SIGTERM,
+129 SIGHUP; a stopped run leaves no temporary file. Lines starting ``warning:`` print even with
+``--quiet``.
 """
 from __future__ import annotations
 
