@@ -313,3 +313,22 @@ def test_resume_reads_through_the_checkpoint_loader(tmp_path):
             train(config)
         assert needle in str(caught.value) and str(path) in str(caught.value)
         assert "\n" not in str(caught.value)
+
+
+def test_run_paths_and_training_data_are_units_of_their_own(data_dir, tmp_path):
+    """The trainer's data and artefact concerns work without a trainer: RunPaths resolves every
+    output, load_training_data splits by subject, writes split.json and loads the cached slices."""
+    config = _config(data_dir, tmp_path / "run")
+    paths = training.RunPaths.resolve(config)
+    assert paths.run_dir == tmp_path / "run" / "model_run" and paths.history_path.name == "history.tsv"
+    (tmp_path / "run").mkdir()
+    paths.check(lambda message: None)
+    messages = []
+    data = training.load_training_data(config, paths, training.DistributedContext(), None, messages.append)
+    subjects = ({c.subject_id for c in data.train_data}, {c.subject_id for c in data.val_data})
+    assert subjects[0] and subjects[1] and not subjects[0] & subjects[1]
+    assert data.slice_counts["train"] == sum(len(c.indices) for c in data.train_data) > 0
+    assert json.loads((paths.run_dir / "split.json").read_text())["seed"] == 3
+    assert any(message.startswith("split by subject") for message in messages)
+    with pytest.raises(ValueError, match="needs a file name ending in .pt"):
+        training.RunPaths.resolve(_config(data_dir, tmp_path, output=str(tmp_path / "model")))

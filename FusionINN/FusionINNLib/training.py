@@ -628,9 +628,166 @@ def evaluate_case(flow: FusionFlow, slices1: np.ndarray, slices2: np.ndarray, *,
 
 
 # ------------------------------------------------------------------------------------------------
+# Where a run writes, and the data it trains on (two concerns of a run, each on its own)
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class RunPaths:
+    """Every file a run writes: the model, the run folder (last.pt, best.pt, split.json), the
+    history and metrics tables, the loss-curve plot, and the slice cache it reads and fills."""
+
+    output: Path
+    run_dir: Path
+    history_path: Path
+    metrics_path: Path
+    plot_path: Path
+    cache_dir: Path
+
+    @classmethod
+    def resolve(cls, c: TrainingConfig) -> RunPaths:
+        output = Path(c.output)
+        if output.suffix == "":
+            raise ValueError(f"output model {output} needs a file name ending in .pt")
+        run_dir = Path(c.run_dir) if c.run_dir else output.with_name(output.stem + "_run")
+        return cls(output=output, run_dir=run_dir,
+                   history_path=Path(c.history_table) if c.history_table else run_dir / "history.tsv",
+                   metrics_path=Path(c.metrics_table) if c.metrics_table else run_dir / "metrics.tsv",
+                   plot_path=Path(c.plot) if c.plot else run_dir / "loss_curves.png",
+                   cache_dir=Path(c.cache_dir) if c.cache_dir else default_cache_dir())
+
+    def check(self, log: LogFn) -> None:
+        """Refuse unwritable outputs before any work; an unwritable cache moves into the run folder."""
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ValueError(f"run directory {self.run_dir} exists and is not a directory")
+        check_writable(self.output, "output model")
+        check_writable(self.run_dir / "last.pt", "run directory")
+        check_writable(self.history_path, "history table")
+        check_writable(self.metrics_path, "metrics table")
+        check_writable(self.plot_path, "loss-curve plot")
+        try:
+            check_writable(self.cache_dir / "probe", "slice cache", min_free=0)
+        except ValueError as error:
+            fallback = self.run_dir / "slice_cache"
+            log(f"{error}; caching slices in {fallback} instead")
+            self.cache_dir = fallback
+
+
+@dataclass
+class TrainingData:
+    """The cases of a run (split by subject) and their selected, normalized slices."""
+
+    train_cases: List[Any]
+    val_cases: List[Any]
+    train_data: List[CaseData]
+    val_data: List[CaseData]
+    data_summary: str
+    slice_counts: Dict[str, int]
+
+
+def load_training_data(c: TrainingConfig, paths: RunPaths, dist: DistributedContext,
+                       resume_state: Optional[Dict[str, Any]], log: LogFn) -> TrainingData:
+    """Discover and split the cases (or take a resumed run's split), write split.json, and load
+    every case's slices through the cache (rank 0 fills it first, the other ranks then read it)."""
+    from .brats import Case, discover_cases, load_case_slices, split_subjects, write_split
+
+    discovery = None
+    if resume_state is not None:
+        split = resume_state["split"]
+        train_cases = [Case.from_dict(d) for d in split["train"]]
+        val_cases = [Case.from_dict(d) for d in split["val"]]
+        for case in train_cases + val_cases:
+            for path in list(case.paths.values()) + ([case.seg] if case.seg else []):
+                if not Path(path).is_file():
+                    raise FileNotFoundError(f"case {case.case_id} of the resumed run: file not found: {path}")
+        data_summary = resume_state.get("data_summary", "")
+    else:
+        discovery = discover_cases(c.data_dir, c.modalities, require_seg=False)
+        cases = list(discovery.cases)
+        if c.max_cases is not None and len(cases) > c.max_cases:
+            cases = cases[: c.max_cases]
+            log(f"using the first {c.max_cases} of {len(discovery.cases)} cases (maximum number of cases)")
+        train_cases, val_cases = split_subjects(cases, c.val_fraction, c.seed)
+        if not val_cases:
+            log("warning: no validation subjects (one subject, or val_fraction 0): the best model is "
+                "chosen on the training loss and the metrics table reports training cases")
+        if dist.is_main:
+            write_split(paths.run_dir / "split.json", train_cases, val_cases, seed=c.seed,
+                        val_fraction=c.val_fraction)
+        data_summary = ""
+
+    def load(cases) -> List[CaseData]:
+        loaded = []
+        for case in cases:
+            try:
+                slices1, slices2, indices = load_case_slices(
+                    case, c.modalities, labels=c.label_rule(), normalization=c.normalization,
+                    cache_dir=paths.cache_dir, axis=c.axis)
+            except OSError as error:
+                raise OSError(f"case {case.case_id}: cannot read or cache its slices "
+                              f"({error.strerror or error})") from error
+            if len(indices) == 0:
+                log(f"case {case.case_id}: no slice matches the selection; skipped")
+                continue
+            loaded.append(CaseData(case.case_id, case.subject_id, slices1, slices2, np.asarray(indices)))
+        return loaded
+
+    if dist.is_main:
+        train_data, val_data = load(train_cases), load(val_cases)
+    dist.barrier()
+    if not dist.is_main:
+        train_data, val_data = load(train_cases), load(val_cases)
+    if not train_data:
+        raise ValueError(f"no training slices: none of the {len(train_cases)} training case(s) under "
+                         f"{c.data_dir} has a slice matching the selection (labels {c.label_rule() or 'brain'})")
+    counts = {case.case_id: len(case.indices) for case in train_data + val_data}
+    if not data_summary and discovery is not None:
+        data_summary = discovery.summary(counts)
+    log(data_summary)
+    n_train = sum(counts[case.case_id] for case in train_data)
+    n_val = sum(counts[case.case_id] for case in val_data)
+    log(f"split by subject: {len(train_data)} training case(s), {n_train} slices; "
+        f"{len(val_data)} validation case(s), {n_val} slices")
+    return TrainingData(train_cases, val_cases, train_data, val_data, data_summary, {"train": n_train, "val": n_val})
+
+
+def evaluation_table(flow: FusionFlow, data: TrainingData, c: TrainingConfig, device: str,
+                     check_cancel: Callable[[], None]) -> Tuple[List[Dict[str, Any]], Dict[str, Any], str]:
+    """The metrics table of a trained model (the evaluation concern): one row per validation case
+    (training cases without a validation split) plus the mean row; per-source columns are named
+    after the modality."""
+    eval_cases = data.val_data if data.val_data else data.train_data
+    split_name = "validation" if data.val_data else "training"
+    names = [str(m) for m in c.modalities]
+    rows: List[Dict[str, Any]] = []
+    for case in eval_cases:
+        check_cancel()
+        values = evaluate_case(flow, case.slices1, case.slices2, samples=c.metric_samples, seed=c.seed,
+                               prior=c.prior, device=device)
+        row = {"case": case.case_id, "subject": case.subject_id, "split": split_name, "slices": len(case.indices)}
+        for key, value in values.items():
+            if key.endswith(("_1", "_2")):  # per source: named after the modality
+                key = key[:-2] + "_" + names[int(key[-1]) - 1]
+            row[key] = value
+        rows.append(row)
+    numeric = [name for name in rows[0] if name not in ("case", "subject", "split", "slices")]
+    mean_row: Dict[str, Any] = {"case": "mean", "subject": "", "split": split_name,
+                                "slices": int(sum(r["slices"] for r in rows))}
+    for name in numeric:
+        mean_row[name] = float(np.mean([r[name] for r in rows]))
+    return rows, mean_row, split_name
+
+
+# ------------------------------------------------------------------------------------------------
 # The trainer
 # ------------------------------------------------------------------------------------------------
 class _Trainer:
+    """The training loop and its state (model, optimizer, scheduler, history, best epoch).
+
+    The other concerns of a run are units of their own above: where it writes (:class:`RunPaths`),
+    the data it trains on (:func:`load_training_data` → :class:`TrainingData`), how the trained model
+    is evaluated (:func:`evaluation_table`, :func:`evaluate_case`); resuming reads ``last.pt`` through
+    the checkpoint loader (:func:`FusionINNLib.checkpoint.read_payload`).
+    """
+
     def __init__(self, config: TrainingConfig, progress: Optional[ProgressFn], log: Optional[LogFn],
                  cancel: Optional[CancelFn]):
         self.config = config
@@ -639,6 +796,8 @@ class _Trainer:
         self.cancel = cancel
         self.resume_state: Optional[Dict[str, Any]] = None
         self.resume_payload: Optional[Dict[str, Any]] = None
+        self.paths: Optional[RunPaths] = None  # set by _run
+        self.data: Optional[TrainingData] = None  # set by _run
 
     # -- messages ----------------------------------------------------------------------------
     def log(self, message: str) -> None:
@@ -682,103 +841,6 @@ class _Trainer:
         self.resume_payload = payload
         self.resume_path = path
 
-    def resolve_paths(self) -> None:
-        c = self.config
-        self.output = Path(c.output)
-        if self.output.suffix == "":
-            raise ValueError(f"output model {self.output} needs a file name ending in .pt")
-        self.run_dir = Path(c.run_dir) if c.run_dir else self.output.with_name(self.output.stem + "_run")
-        self.history_path = Path(c.history_table) if c.history_table else self.run_dir / "history.tsv"
-        self.metrics_path = Path(c.metrics_table) if c.metrics_table else self.run_dir / "metrics.tsv"
-        self.plot_path = Path(c.plot) if c.plot else self.run_dir / "loss_curves.png"
-        self.cache_dir = Path(c.cache_dir) if c.cache_dir else default_cache_dir()
-
-    def check_outputs(self) -> None:
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise ValueError(f"run directory {self.run_dir} exists and is not a directory")
-        check_writable(self.output, "output model")
-        check_writable(self.run_dir / "last.pt", "run directory")
-        check_writable(self.history_path, "history table")
-        check_writable(self.metrics_path, "metrics table")
-        check_writable(self.plot_path, "loss-curve plot")
-        try:
-            check_writable(self.cache_dir / "probe", "slice cache", min_free=0)
-        except ValueError as error:
-            fallback = self.run_dir / "slice_cache"
-            self.log(f"{error}; caching slices in {fallback} instead")
-            self.cache_dir = fallback
-
-    def select_cases(self) -> None:
-        from .brats import Case, discover_cases, split_subjects, write_split
-
-        c = self.config
-        if self.resume_state is not None:
-            split = self.resume_state["split"]
-            self.train_cases = [Case.from_dict(d) for d in split["train"]]
-            self.val_cases = [Case.from_dict(d) for d in split["val"]]
-            for case in self.train_cases + self.val_cases:
-                for path in list(case.paths.values()) + ([case.seg] if case.seg else []):
-                    if not Path(path).is_file():
-                        raise FileNotFoundError(f"case {case.case_id} of the resumed run: file not found: {path}")
-            self.data_summary = self.resume_state.get("data_summary", "")
-            return
-        discovery = discover_cases(c.data_dir, c.modalities, require_seg=False)
-        cases = list(discovery.cases)
-        if c.max_cases is not None and len(cases) > c.max_cases:
-            cases = cases[: c.max_cases]
-            self.log(f"using the first {c.max_cases} of {len(discovery.cases)} cases (maximum number of cases)")
-        self.discovery = discovery
-        self.train_cases, self.val_cases = split_subjects(cases, c.val_fraction, c.seed)
-        if not self.val_cases:
-            self.log("warning: no validation subjects (one subject, or val_fraction 0): the best model is "
-                     "chosen on the training loss and the metrics table reports training cases")
-        if self.dist.is_main:
-            write_split(self.run_dir / "split.json", self.train_cases, self.val_cases, seed=c.seed,
-                        val_fraction=c.val_fraction)
-        self.data_summary = ""
-
-    def load_slices(self) -> None:
-        from .brats import load_case_slices
-
-        c = self.config
-
-        def load(cases) -> List[CaseData]:
-            loaded = []
-            for case in cases:
-                try:
-                    slices1, slices2, indices = load_case_slices(
-                        case, c.modalities, labels=c.label_rule(), normalization=c.normalization,
-                        cache_dir=self.cache_dir, axis=c.axis)
-                except OSError as error:
-                    raise OSError(f"case {case.case_id}: cannot read or cache its slices "
-                                  f"({error.strerror or error})") from error
-                if len(indices) == 0:
-                    self.log(f"case {case.case_id}: no slice matches the selection; skipped")
-                    continue
-                loaded.append(CaseData(case.case_id, case.subject_id, slices1, slices2, np.asarray(indices)))
-            return loaded
-
-        # Rank 0 fills the cache first; the other ranks then read it instead of decoding again.
-        if self.dist.is_main:
-            self.train_data = load(self.train_cases)
-            self.val_data = load(self.val_cases)
-        self.dist.barrier()
-        if not self.dist.is_main:
-            self.train_data = load(self.train_cases)
-            self.val_data = load(self.val_cases)
-        if not self.train_data:
-            raise ValueError(f"no training slices: none of the {len(self.train_cases)} training case(s) under "
-                             f"{c.data_dir} has a slice matching the selection (labels {c.label_rule() or 'brain'})")
-        counts = {case.case_id: len(case.indices) for case in self.train_data + self.val_data}
-        if not self.data_summary and hasattr(self, "discovery"):
-            self.data_summary = self.discovery.summary(counts)
-        self.log(self.data_summary)
-        n_train = sum(counts[case.case_id] for case in self.train_data)
-        n_val = sum(counts[case.case_id] for case in self.val_data)
-        self.log(f"split by subject: {len(self.train_data)} training case(s), {n_train} slices; "
-                 f"{len(self.val_data)} validation case(s), {n_val} slices")
-        self.slice_counts = {"train": n_train, "val": n_val}
-
     def build(self) -> None:
         c = self.config
         if self.dist.enabled and self.device.type == "cuda":
@@ -793,10 +855,10 @@ class _Trainer:
         self.memory_format = torch.channels_last
         model_config = c.model_config()
         multiple = model_config.pad_multiple
-        self.train_set = SliceDataset(self.train_data, multiple, c.crop_size, c.crops_per_slice, c.seed,
+        self.train_set = SliceDataset(self.data.train_data, multiple, c.crop_size, c.crops_per_slice, c.seed,
                                       subset=c.max_train_slices, jitter=c.intensity_jitter)
-        self.val_set = SliceDataset(self.val_data, multiple, None, 1, c.seed, subset=c.max_val_slices) \
-            if self.val_data else None
+        self.val_set = SliceDataset(self.data.val_data, multiple, None, 1, c.seed, subset=c.max_val_slices) \
+            if self.data.val_data else None
         self.sampler = torch.utils.data.distributed.DistributedSampler(
             self.train_set, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True,
             seed=c.seed, drop_last=False)
@@ -1007,15 +1069,15 @@ class _Trainer:
             "labels": c.label_rule() or "brain",
             "data": {
                 "data_dir": str(c.data_dir),
-                "summary": self.data_summary,
-                "train_cases": [case.case_id for case in self.train_data],
-                "val_cases": [case.case_id for case in self.val_data],
-                "train_slices": int(self.slice_counts["train"]),
-                "val_slices": int(self.slice_counts["val"]),
+                "summary": self.data.data_summary,
+                "train_cases": [case.case_id for case in self.data.train_data],
+                "val_cases": [case.case_id for case in self.data.val_data],
+                "train_slices": int(self.data.slice_counts["train"]),
+                "val_slices": int(self.data.slice_counts["val"]),
             },
             "split": {
-                "train_subjects": sorted({case.subject_id for case in self.train_cases}),
-                "val_subjects": sorted({case.subject_id for case in self.val_cases}),
+                "train_subjects": sorted({case.subject_id for case in self.data.train_cases}),
+                "val_subjects": sorted({case.subject_id for case in self.data.val_cases}),
                 "seed": c.seed,
                 "val_fraction": c.val_fraction,
             },
@@ -1043,14 +1105,14 @@ class _Trainer:
             "best_loss": self.best_loss,
             "best_state_dict": self.best_state,
             "stale_epochs": self.stale_epochs,
-            "split": {"train": [case.to_dict() for case in self.train_cases],
-                      "val": [case.to_dict() for case in self.val_cases]},
-            "data_summary": self.data_summary,
+            "split": {"train": [case.to_dict() for case in self.data.train_cases],
+                      "val": [case.to_dict() for case in self.data.val_cases]},
+            "data_summary": self.data.data_summary,
         }
         try:
-            save_checkpoint(self.run_dir / "last.pt", self.flow, self.metadata(), extra={STATE_KEY: state})
+            save_checkpoint(self.paths.run_dir / "last.pt", self.flow, self.metadata(), extra={STATE_KEY: state})
         except OSError as error:
-            raise OSError(f"cannot write the checkpoint {self.run_dir / 'last.pt'}: {error.strerror or error}") \
+            raise OSError(f"cannot write the checkpoint {self.paths.run_dir / 'last.pt'}: {error.strerror or error}") \
                 from error
 
     def save_model(self, path: Path, state_dict: Dict[str, torch.Tensor], metadata: Dict[str, Any]) -> None:
@@ -1070,12 +1132,12 @@ class _Trainer:
                   "dataset_size": len(self.train_set),
                   "items": [list(self.train_set.describe(i)) for i in range(len(self.train_set))],
                   "ranks": ranks}
-        atomic_write_text(self.run_dir / "partition.json", json.dumps(record) + "\n")
+        atomic_write_text(self.paths.run_dir / "partition.json", json.dumps(record) + "\n")
 
     def plot(self) -> Optional[Path]:
         try:
-            plot_history(self.history, self.plot_path)
-            return self.plot_path
+            plot_history(self.history, self.paths.plot_path)
+            return self.paths.plot_path
         except ImportError as error:
             self.log(f"loss-curve plot skipped: {error}")
             return None
@@ -1098,10 +1160,9 @@ class _Trainer:
 
     def _run(self) -> TrainingResult:
         c = self.config
-        self.resolve_paths()
-        self.check_outputs()
-        self.select_cases()
-        self.load_slices()
+        self.paths = RunPaths.resolve(c)
+        self.paths.check(self.log)
+        self.data = load_training_data(c, self.paths, self.dist, self.resume_state, self.log)
         self.build()
         self.log(f"training on {self.device}" + (f" x {self.dist.world_size} ranks ({self.dist.backend})"
                                                   if self.dist.enabled else "")
@@ -1138,9 +1199,9 @@ class _Trainer:
             if self.dist.enabled:
                 self.write_partition(epoch, seen)
             if self.dist.is_main:
-                write_table(self.history_path, self.history_columns(), self.history)
+                write_table(self.paths.history_path, self.history_columns(), self.history)
                 if improved:
-                    self.save_model(self.run_dir / "best.pt", self.best_state, self.metadata())
+                    self.save_model(self.paths.run_dir / "best.pt", self.best_state, self.metadata())
                 self.save_last(epoch)
             elapsed = time.perf_counter() - run_start
             remaining = (c.epochs - epoch) * elapsed / epochs_this_run
@@ -1173,45 +1234,28 @@ class _Trainer:
         rows: List[Dict[str, Any]] = []
         mean_row: Dict[str, Any] = {}
         if self.dist.is_main:
-            eval_cases = self.val_data if self.val_data else self.train_data
-            split_name = "validation" if self.val_data else "training"
-            names = [str(m) for m in c.modalities]
-            for case in eval_cases:
-                self.check_cancel()
-                values = evaluate_case(best_flow, case.slices1, case.slices2, samples=c.metric_samples,
-                                       seed=c.seed, prior=c.prior, device=str(self.device))
-                row = {"case": case.case_id, "subject": case.subject_id, "split": split_name,
-                       "slices": len(case.indices)}
-                for key, value in values.items():
-                    if key.endswith(("_1", "_2")):  # per source: named after the modality
-                        key = key[:-2] + "_" + names[int(key[-1]) - 1]
-                    row[key] = value
-                rows.append(row)
+            rows, mean_row, split_name = evaluation_table(best_flow, self.data, c, str(self.device), self.check_cancel)
             numeric = [name for name in rows[0] if name not in ("case", "subject", "split", "slices")]
-            mean_row = {"case": "mean", "subject": "", "split": split_name,
-                        "slices": int(sum(r["slices"] for r in rows))}
-            for name in numeric:
-                mean_row[name] = float(np.mean([r[name] for r in rows]))
             columns = [("case", "string"), ("subject", "string"), ("split", "string"), ("slices", "int")]
             columns += [(name, "double") for name in numeric]
-            write_table(self.metrics_path, columns, rows + [mean_row])
+            write_table(self.paths.metrics_path, columns, rows + [mean_row])
             metrics = {k: v for k, v in mean_row.items() if k not in ("case", "subject")}
             metrics["samples"] = c.metric_samples
-            self.save_model(self.output, self.best_state, self.metadata(metrics))
+            self.save_model(self.paths.output, self.best_state, self.metadata(metrics))
             plot_path = self.plot()
-            self.log(f"best epoch {self.best_epoch} (loss {self.best_loss:.5f}); wrote {self.output}, "
-                     f"{self.history_path}, {self.metrics_path}")
+            self.log(f"best epoch {self.best_epoch} (loss {self.best_loss:.5f}); wrote {self.paths.output}, "
+                     f"{self.paths.history_path}, {self.paths.metrics_path}")
             summary = ", ".join(f"{k} {v:.4f}" for k, v in mean_row.items() if isinstance(v, float))
             self.log(f"{split_name} metrics (mean over {len(rows)} case(s)): {summary}")
         else:
-            plot_path = self.plot_path
+            plot_path = self.paths.plot_path
         self.dist.barrier()
         dec_ssim = [v for k, v in mean_row.items() if k.startswith("decomposition_ssim_")]
         return TrainingResult(
             best_epoch=self.best_epoch, best_val_loss=self.best_loss,
             mean_decomposition_ssim=float(np.mean(dec_ssim)) if dec_ssim else math.nan,
-            model_path=self.output, history_path=self.history_path, metrics_path=self.metrics_path,
-            run_dir=self.run_dir, plot_path=plot_path, epochs_run=len(self.history),
+            model_path=self.paths.output, history_path=self.paths.history_path, metrics_path=self.paths.metrics_path,
+            run_dir=self.paths.run_dir, plot_path=plot_path, epochs_run=len(self.history),
             stopped_early=stopped_early,
             metrics={k: v for k, v in mean_row.items() if isinstance(v, float)})
 
