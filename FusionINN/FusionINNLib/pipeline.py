@@ -46,9 +46,9 @@ from .volume import (
     UsageError,
     Volume,
     VolumeError,
-    check_complete_file,
     native_output_captured,
     overlap_fraction,
+    read_image,
     read_volume,
     resample_like,
 )
@@ -530,15 +530,12 @@ def read_latent(path: PathLike, fused: Optional[Volume] = None) -> np.ndarray:
     """The kept latent (2, *padded grid). With ``fused``, refuse a latent whose header records a
     different fused image (NRRD and MHA keep the header; NIfTI cannot, so it is not checked)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: latent file not found")
     try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError:
-        raise VolumeError(f"{path}: cannot read latent image (damaged or unknown format)") from None
+        image, path = read_image(path)  # the one reader's file and damage checks
+    except VolumeError as error:  # name what it is: a latent
+        raise VolumeError(str(error).replace(": cannot read image", ": cannot read latent image", 1)) from None
     if image.GetNumberOfComponentsPerPixel() != 2 or image.GetDimension() != 3:
         raise VolumeError(f"{path}: not a FusionINN latent (expected a 3-D image with 2 components)")
-    check_complete_file(path, image)
     if fused is not None:
         try:
             recorded = json.loads(image.GetMetaData(LATENT_KEY)).get("fused_sha256")

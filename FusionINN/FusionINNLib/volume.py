@@ -224,6 +224,17 @@ def _looks_like_error(text: str) -> bool:
 
 def read_volume(path: PathLike) -> Volume:
     """Read any image SimpleITK reads, with geometry; clear errors for unusable files."""
+    image, path = read_image(path)
+    volume = _from_image(image, str(path))
+    if volume.array.size == 0:
+        raise VolumeError(f"{path}: image has no voxels")
+    return volume
+
+
+def read_image(path: PathLike) -> Tuple[sitk.Image, Path]:
+    """The one image reader under :func:`read_volume` and the kept-latent reader: the file checks
+    (missing, directory, links, a NIfTI header claiming more than the file), ITK's native messages
+    captured, and the damaged/truncated-file checks; returns the ITK image and the checked path."""
     path = check_input_file(path)
     check_nifti_header_fits(path)
     with _native_output_captured() as native:
@@ -247,10 +258,7 @@ def read_volume(path: PathLike) -> Volume:
     if printed:
         print(printed, file=sys.stderr)  # plain warnings: pass them on unchanged
     check_complete_file(path, image)
-    volume = _from_image(image, str(path))
-    if volume.array.size == 0:
-        raise VolumeError(f"{path}: image has no voxels")
-    return volume
+    return image, path
 
 
 # -- damaged-file checks ------------------------------------------------------------------------
