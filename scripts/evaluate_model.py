@@ -141,8 +141,8 @@ def print_tables(results: list) -> None:
             print(f"| {r['case']} | {r['slices'][set_name]} | " + " | ".join(cells) + " |")
         means = {m: np.mean([r[set_name]["model"][m] for r in rows]) for m in FUSION_METRICS}
         base_means = {m: [np.mean([r[set_name][b][m] for r in rows]) for b in BASELINES] for m in FUSION_METRICS}
-        print("| **mean** | | " + " | ".join(
-            f"**{means[m]:.3f}** (" + " / ".join(f"{v:.3f}" for v in base_means[m]) + ")" for m in FUSION_METRICS) + " |")
+        cells = [f"**{means[m]:.3f}** (" + " / ".join(f"{v:.3f}" for v in base_means[m]) + ")" for m in FUSION_METRICS]
+        print("| **mean** | | " + " | ".join(cells) + " |")
     print("\n### artefacts and decomposition (T1-Gd / FLAIR)\n")
     keys = list(results[0]["decomposition_ssim"])
     print("| case | checkerboard ratio | hot background | " + " | ".join(keys) + " |")

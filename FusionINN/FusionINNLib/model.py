@@ -36,6 +36,11 @@ class FusionINNConfig:
     # compatibility with their weights, switchable for new models.
     subnet_final_relu: bool = True
     permutation_seed: int = 0
+    # Every coupling block at full resolution (no 2x2 i-RevNet squeeze). The squeeze lets the middle
+    # block see further, but a model trained on a CPU budget keeps a 2x2 block pattern on the squeeze
+    # grid in its fused image (measured in docs/models.md); without squeezes every operation is a
+    # convolution or a channel permutation, so the flow is shift-equivariant and cannot make one.
+    full_resolution: bool = False
     # "logit": decompose by feeding logit(y) back (exact inverse); "sigmoid": feed y itself and
     # squash the result, as the authors' code trained and decomposed.
     reverse_input: str = "logit"
@@ -53,6 +58,8 @@ class FusionINNConfig:
     @property
     def levels(self) -> List[int]:
         """Resolution level (number of 2x2 squeezes) at which each coupling block runs."""
+        if self.full_resolution:
+            return [0] * self.blocks
         return [min(i, self.blocks - 1 - i) for i in range(self.blocks)]
 
     @property

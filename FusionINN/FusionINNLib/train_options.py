@@ -251,6 +251,11 @@ OPTIONS: Tuple[TrainOption, ...] = (
       "end each coupling subnet with a ReLU as the authors' network (trains much slower; default: off)",
       "Final ReLU in the subnets", "advanced",
       description="End each coupling subnet with a ReLU as the authors' network does (trains much slower)."),
+    _O("full_resolution", "full-resolution", "bool", False,
+      "run every coupling block at full resolution, without the 2x2 squeeze (no 2x2 block artefacts; the bundled "
+      "model uses it; default: off = the authors' architecture)", "Full-resolution blocks", "model",
+      description="Run every coupling block at full resolution, without the 2x2 i-RevNet squeeze: the flow is then "
+                  "shift-equivariant and cannot leave a 2x2 block pattern in the fused image."),
     _O("grad_clip", "grad-clip", "float", None, "clip the global gradient norm to G (default: off)",
       "Gradient clipping", "advanced", minimum=0.0, exclusive_minimum=True, zero_unset=True, xml_tag="double",
       xml_default="0.0", metavar="G", description="Maximum global gradient norm; 0 disables clipping."),

@@ -124,6 +124,7 @@ class TrainingConfig:
     # Off by default for new models: measured on phantoms (6 epochs, 64x64 crops, lr 1e-3) the
     # fusion loss reached 0.24 without it and 0.58 with it (docs/training.md).
     subnet_final_relu: bool = False
+    full_resolution: bool = False  # no 2x2 squeeze (model.FusionINNConfig.full_resolution)
     reverse_input: str = "logit"
     prior: str = "normal"
     latent_loss: str = DEFAULT_LATENT_LOSS
@@ -223,6 +224,7 @@ class TrainingConfig:
     def model_config(self) -> FusionINNConfig:
         return FusionINNConfig(blocks=self.blocks, hidden_channels=self.hidden_channels,
                                subnet_final_relu=self.subnet_final_relu, permutation_seed=self.seed,
+                               full_resolution=self.full_resolution,
                                reverse_input=self.reverse_input)
 
     def label_rule(self) -> Optional[str]:
