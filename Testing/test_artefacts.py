@@ -102,3 +102,17 @@ def test_gradient_loss_prefers_the_stronger_edge_of_each_source():
     assert fused.grad is not None and float(fused.grad.abs().sum()) > 0
     with pytest.raises(ValueError):
         gradient_loss(sources, sources)
+
+
+def test_block_boundary_ratio_sees_a_2x2_block_pattern():
+    from FusionINNLib.artefacts import block_boundary_ratio
+
+    s1, s2 = smooth_image(4), smooth_image(5)
+    mean = (s1 + s2) / 2
+    assert block_boundary_ratio(s1, s2, mean) == pytest.approx(1.0, abs=0.1)
+    # nearest-neighbour upsampling of a half-resolution image: constant 2x2 blocks, all change at
+    # block boundaries
+    blocky = np.repeat(np.repeat(mean[::2, ::2], 2, axis=0), 2, axis=1)
+    assert block_boundary_ratio(s1, s2, blocky) > 10
+    # shifting by one pixel moves the blocks off the squeeze grid: the ratio falls below 1
+    assert block_boundary_ratio(s1, s2, np.roll(blocky, 1, axis=(0, 1))) < 0.2
