@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 REVERSE_INPUTS = ("logit", "sigmoid")
+PADDING_MODES = ("zeros", "replicate")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,11 @@ class FusionINNConfig:
     # grid in its fused image (measured in docs/models.md); without squeezes every operation is a
     # convolution or a channel permutation, so the flow is shift-equivariant and cannot make one.
     full_resolution: bool = False
+    # How the subnets' 3x3 convolutions see beyond the image border. The authors pad with zeros;
+    # the normalized background lies below 0, so zeros make a step at the border that showed as a
+    # bright line in the sampled decomposition's std map (docs/models.md). "replicate" continues the
+    # border. Padding has no weights: either mode loads the same state dict.
+    padding_mode: str = "zeros"
     # "logit": decompose by feeding logit(y) back (exact inverse); "sigmoid": feed y itself and
     # squash the result, as the authors' code trained and decomposed.
     reverse_input: str = "logit"
@@ -52,6 +58,8 @@ class FusionINNConfig:
             raise ValueError(f"hidden_channels must be positive, got {self.hidden_channels}")
         if self.reverse_input not in REVERSE_INPUTS:
             raise ValueError(f"reverse_input must be one of {REVERSE_INPUTS}, got {self.reverse_input!r}")
+        if self.padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {self.padding_mode!r}")
         if self.clamp_activation not in ("ATAN", "TANH", "SIGMOID"):
             raise ValueError(f"unknown clamp_activation {self.clamp_activation!r}")
 
@@ -89,12 +97,12 @@ class FusionINNConfig:
         return cls(**data)
 
 
-def _subnet_factory(hidden: int, final_relu: bool):
+def _subnet_factory(hidden: int, final_relu: bool, padding_mode: str = "zeros"):
     def make(channels_in: int, channels_out: int) -> nn.Module:
         layers = [
-            nn.Conv2d(channels_in, hidden, 3, padding=1),
+            nn.Conv2d(channels_in, hidden, 3, padding=1, padding_mode=padding_mode),
             nn.ReLU(),
-            nn.Conv2d(hidden, channels_out, 3, padding=1),
+            nn.Conv2d(hidden, channels_out, 3, padding=1, padding_mode=padding_mode),
         ]
         if final_relu:
             layers.append(nn.ReLU())
@@ -121,7 +129,8 @@ def build_graph(config: FusionINNConfig) -> nn.Module:
         while level > block_level:
             nodes.append(ff.Node(nodes[-1], fm.IRevNetUpsampling, {}, name=f"up{index}"))
             level -= 1
-        subnet = _subnet_factory(config.hidden_channels * 2**block_level, config.subnet_final_relu)
+        subnet = _subnet_factory(config.hidden_channels * 2**block_level, config.subnet_final_relu,
+                                 config.padding_mode)
         nodes.append(
             ff.Node(
                 nodes[-1],

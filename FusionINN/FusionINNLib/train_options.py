@@ -256,6 +256,12 @@ OPTIONS: Tuple[TrainOption, ...] = (
       "model uses it; default: off = the authors' architecture)", "Full-resolution blocks", "model",
       description="Run every coupling block at full resolution, without the 2x2 i-RevNet squeeze: the flow is then "
                   "shift-equivariant and cannot leave a 2x2 block pattern in the fused image."),
+    _O("padding_mode", "padding-mode", "choice", "zeros",
+      "how the subnets' convolutions see beyond the image border: zeros (the authors') or replicate (the bundled "
+      "model; no bright border line in the uncertainty map; default: zeros)", "Border padding", "model",
+      choices=("zeros", "replicate"),
+      description="zeros: the authors' convolution padding; replicate: continue the image border, which keeps the "
+                  "border of the sampled decomposition's uncertainty map at the background's level."),
     _O("grad_clip", "grad-clip", "float", None, "clip the global gradient norm to G (default: off)",
       "Gradient clipping", "advanced", minimum=0.0, exclusive_minimum=True, zero_unset=True, xml_tag="double",
       xml_default="0.0", metavar="G", description="Maximum global gradient norm; 0 disables clipping."),

@@ -51,7 +51,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -125,6 +125,7 @@ class TrainingConfig:
     # fusion loss reached 0.24 without it and 0.58 with it (docs/training.md).
     subnet_final_relu: bool = False
     full_resolution: bool = False  # no 2x2 squeeze (model.FusionINNConfig.full_resolution)
+    padding_mode: str = "zeros"  # subnet convolutions at the image border (model.FusionINNConfig.padding_mode)
     reverse_input: str = "logit"
     prior: str = "normal"
     latent_loss: str = DEFAULT_LATENT_LOSS
@@ -224,7 +225,7 @@ class TrainingConfig:
     def model_config(self) -> FusionINNConfig:
         return FusionINNConfig(blocks=self.blocks, hidden_channels=self.hidden_channels,
                                subnet_final_relu=self.subnet_final_relu, permutation_seed=self.seed,
-                               full_resolution=self.full_resolution,
+                               full_resolution=self.full_resolution, padding_mode=self.padding_mode,
                                reverse_input=self.reverse_input)
 
     def label_rule(self) -> Optional[str]:
@@ -931,7 +932,8 @@ class _Trainer:
         from .checkpoint import load_checkpoint
 
         loaded = load_checkpoint(self.config.init_model)
-        if loaded.model.config != model_config:
+        # padding has no weights, so a fine-tuning run may change it
+        if replace(loaded.model.config, padding_mode=model_config.padding_mode) != model_config:
             raise ValueError(f"{self.config.init_model}: its architecture ({loaded.model.config}) differs from "
                              f"this run's ({model_config}); use the same blocks, subnet and seed settings")
         self.flow.graph.load_state_dict(loaded.model.graph.state_dict())
