@@ -28,7 +28,14 @@ def test_bundled_model_is_present_small_and_loads():
     assert path.stat().st_size < 2 * 1024 * 1024
     loaded = load_checkpoint(path)
     assert loaded.origin == "fusioninn" and loaded.config.reverse_input == "logit"
-    assert "phantom" in json.dumps(loaded.metadata).lower()  # trained on phantoms only
+    # the model card's facts travel with the weights: real training subjects, a disjoint validation
+    # set of at least 5 subjects, the recipe and the data-use terms (docs/models.md)
+    trained_on = loaded.metadata["trained_on"]
+    train, val = set(trained_on["train_subjects"]), set(trained_on["val_subjects"])
+    assert len(train) >= 20 and len(val) >= 5 and not train & val
+    assert set(loaded.metadata["split"]["val_subjects"]) == val
+    assert "BraTS" in loaded.metadata["data_use_terms"] and "non-commercial" in loaded.metadata["data_use_terms"]
+    assert loaded.metadata["recipe"].startswith("scripts/train_default_model.sh")
 
 
 def test_demo_with_the_bundled_model(tmp_path):

@@ -11,9 +11,11 @@
 #   (alpha 0.5, lambda 0.8, k = 3, N(0, I) prior) with the pixel-sample MMD latent loss (beta 0.1)
 #   and the max-abs gradient term (gamma = GRADIENT_WEIGHT, default 10), EPOCHS1 epochs (default 14).
 # Phase 2 (whole slices): the best phase-1 epoch fine-tuned on whole 240x240 slices (so that the
-#   image border and the background are trained as inference sees them), batch 4, Adam 3e-4,
-#   MAX_SLICES2 evenly spaced training slices per epoch (default 700), EPOCHS2 epochs (default 3).
-# The epoch with the lowest validation loss of each phase is kept. CPU, seed 0, one thread per run.
+#   image border and the background are trained as inference sees them) with replicate border
+#   padding, batch 4, Adam 3e-4, MAX_SLICES2 evenly spaced training slices per epoch (default 500),
+#   EPOCHS2 epochs (default 2).
+# The epoch with the lowest validation loss of each phase is kept. CPU, seed 0 (the bundled model: phase 1
+# with one thread beside a second run, phase 2 with OMP_NUM_THREADS=2).
 # Times on the shared 2-core machine are in docs/models.md.
 #
 # Usage: scripts/train_default_model.sh [DATA [OUTPUT.pt]]
@@ -24,8 +26,8 @@ cd "$(dirname "$0")/.."
 DATA="${1:-../shared/data/brats}"
 OUTPUT="${2:-FusionINN/Resources/Models/fusioninn_default.pt}"
 EPOCHS1="${EPOCHS1:-14}"
-EPOCHS2="${EPOCHS2:-3}"
-MAX_SLICES2="${MAX_SLICES2:-700}"
+EPOCHS2="${EPOCHS2:-2}"
+MAX_SLICES2="${MAX_SLICES2:-500}"
 GRADIENT_WEIGHT="${GRADIENT_WEIGHT:-10}"
 PYTHON="${PYTHON:-python}"
 RUN_ROOT="${RUN_ROOT:-$(mktemp -d)}"
@@ -47,7 +49,7 @@ if [ ! -f "$RUN_ROOT/phase1/model.pt" ]; then
 fi
 phase1=$(( $(date +%s) - start ))
 "$PYTHON" -m FusionINNLib.cli train "$DATA" --output "$RUN_ROOT/phase2/model.pt" --run-dir "$RUN_ROOT/phase2/run" \
-    "${common[@]}" --epochs "$EPOCHS2" --batch-size 4 --lr 3e-4 --max-train-slices "$MAX_SLICES2" \
+    "${common[@]}" --epochs "$EPOCHS2" --batch-size 4 --lr 3e-4 --max-train-slices "$MAX_SLICES2" --padding-mode replicate \
     --init-model "$RUN_ROOT/phase1/model.pt" "${resume2[@]}"
 seconds=$(( $(date +%s) - start ))
 
