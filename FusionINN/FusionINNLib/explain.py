@@ -614,19 +614,11 @@ def _slice_range(slices: Any, count: int) -> Tuple[int, int]:
 
 
 def parse_slices(text: str, count: int) -> Tuple[int, int]:
-    """``"a:b"`` (half-open, Python-style, either bound optional) or ``"a"`` (one slice)."""
-    text = text.strip()
-    try:
-        if ":" in text:
-            first, second = text.split(":", 1)
-            start = int(first) if first.strip() else 0
-            stop = int(second) if second.strip() else count
-        else:
-            start = int(text)
-            stop = start + 1
-    except ValueError:
-        raise ValueError(f"slices must look like a:b (e.g. 70:80) or a single index, got {text!r}") from None
-    return _slice_range((start, stop), count)
+    """``"a:b"`` (half-open, Python-style, either bound optional) or ``"a"`` (one slice); one parser
+    for every front end (the torch-free one the Slicer module uses before a job starts)."""
+    from .slicer_support import parse_slice_range
+
+    return parse_slice_range(text, count)
 
 
 class VolumeExplainer:

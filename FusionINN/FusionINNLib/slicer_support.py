@@ -214,8 +214,9 @@ def unset_path(path: Any) -> bool:
 
 
 def parse_slice_range(text: str, count: int) -> Tuple[int, int]:
-    """``"a:b"`` (half-open, either bound optional) or ``"a"`` → (start, stop) within 0..count;
-    the same rules as :func:`FusionINNLib.explain.parse_slices`, without importing torch."""
+    """``"a:b"`` (half-open, either bound optional) or ``"a"`` → (start, stop) within 0..count.
+    Torch-free, so the Slicer module checks a range before a job starts; ``explain.parse_slices``
+    is this function."""
     text = str(text).strip()
     try:
         if ":" in text:
