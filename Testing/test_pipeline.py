@@ -134,6 +134,25 @@ def test_sampled_decomposition_writes_std_maps(tmp_path, pair_files, model_path)
     assert read_volume(outputs[2]).array.max() == 0
 
 
+def test_a_cleared_background_decomposes_to_each_sources_background_with_no_uncertainty(tmp_path, pair_files):
+    from FusionINNLib.model import FUSED_BACKGROUND, FusionINNConfig
+
+    model = save_checkpoint(tmp_path / "cleared.pt", FusionFlow(FusionINNConfig(clear_background=True), seed=7))
+    in1, in2 = pair_files
+    fuse_files(in1, in2, tmp_path / "f.nrrd", model=model, device="cpu", log=lambda m: None)
+    fused = read_volume(tmp_path / "f.nrrd").array
+    t1, flair = read_volume(in1).array, read_volume(in2).array
+    background = (t1 == 0) & (flair == 0)  # brain_pair: 0 outside the disc in both
+    assert background.any() and np.all(fused[background] == np.float32(FUSED_BACKGROUND))
+    assert np.all(fused[~background] != np.float32(FUSED_BACKGROUND))
+    outputs = [tmp_path / n for n in ("m1.nrrd", "m2.nrrd", "s1.nrrd", "s2.nrrd")]
+    decompose_files(tmp_path / "f.nrrd", outputs[0], outputs[1], std1=outputs[2], std2=outputs[3],
+                    samples=4, seed=3, model=model, device="cpu", log=lambda m: None)
+    m1, m2, s1 = (read_volume(o).array for o in outputs[:3])
+    assert np.all(m1[background] == 0) and np.all(m2[background] == 0) and np.all(s1[background] == 0)
+    assert s1[~background].max() > 0
+
+
 @pytest.mark.parametrize("value", [0.0, 123.0])
 def test_constant_and_all_zero_inputs_give_finite_outputs(tmp_path, model_path, value):
     in1 = write_image(tmp_path / "a.nii.gz", np.full((3, 16, 16), value, np.float32))

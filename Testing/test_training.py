@@ -332,3 +332,23 @@ def test_run_paths_and_training_data_are_units_of_their_own(data_dir, tmp_path):
     assert any(message.startswith("split by subject") for message in messages)
     with pytest.raises(ValueError, match="needs a file name ending in .pt"):
         training.RunPaths.resolve(_config(data_dir, tmp_path, output=str(tmp_path / "model")))
+
+
+def test_training_step_decomposes_the_cleared_fused_image():
+    from FusionINNLib.engine import logit
+    from FusionINNLib.model import FUSED_BACKGROUND, FusionFlow, FusionINNConfig
+    from FusionINNLib.training import FlowTrainingStep
+
+    flow = FusionFlow(FusionINNConfig(clear_background=True), seed=0)
+    x = torch.rand(2, 2, 32, 32)
+    x[:, :, :8] = -0.1  # both sources background in the top rows
+    z = torch.randn(2, 1, 32, 32)
+    y, _, x_hat = FlowTrainingStep(flow)(x, z)
+    assert torch.all(y[:, :, :8] == FUSED_BACKGROUND)
+    u, _ = flow(x)
+    assert torch.equal(y[:, :, 8:], torch.sigmoid(u)[:, :, 8:])
+    # the decomposition is the one inference computes from the cleared image alone, with each
+    # source's background value where y says background
+    inverse = flow.inverse(logit(y), z)
+    assert torch.allclose(x_hat[:, :, 8:], inverse[:, :, 8:])
+    assert torch.all(x_hat[:, :, :8] == -0.1)

@@ -218,11 +218,11 @@ class SliceEngine:
         latent = np.empty((2, count, hp, wp), dtype=np.float32) if keep_latent else None
 
         def work(start: int, stop: int) -> None:
-            pair = np.stack([self._pad(s1[start:stop]), self._pad(s2[start:stop])], axis=1)
+            pair = self._to_device(np.stack([self._pad(s1[start:stop]), self._pad(s2[start:stop])], axis=1))
             with torch.inference_mode(), self._autocast():
-                u, z = self.model(self._to_device(pair))
+                u, z = self.model(pair)
             u, z = u.float(), z.float()
-            y = torch.sigmoid(u)
+            y = self.model.fused_image(u, pair)
             fused[start:stop] = y[:, 0, :height, :width].cpu().numpy()
             if latent is not None:
                 y_kept = torch.full_like(y, 0.5)

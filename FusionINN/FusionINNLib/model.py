@@ -22,6 +22,10 @@ import torch
 from torch import nn
 
 REVERSE_INPUTS = ("logit", "sigmoid")
+# The fused value where both sources are background (``FusionINNConfig.clear_background``): flat and
+# far below anything visible (1e-4 of the robust intensity range), with a finite logit (−9.2) inside
+# the range of u the flow itself produces over background (measured 1e-5..2e-4).
+FUSED_BACKGROUND = 1e-4
 PADDING_MODES = ("zeros", "replicate")
 
 
@@ -47,6 +51,16 @@ class FusionINNConfig:
     # bright line in the sampled decomposition's std map (docs/models.md). "replicate" continues the
     # border. Padding has no weights: either mode loads the same state dict.
     padding_mode: str = "zeros"
+    # Where both normalized sources are at or below 0 (background, and the darkest voxels below the
+    # robust range), the fused image is FUSED_BACKGROUND instead of σ(u). The flow's 3x3 couplings
+    # spread a faint halo of tissue values up to its receptive radius into the background, which
+    # exists in neither source: a full-image edge metric (Q_XY) scores it as lost flat background,
+    # and that halo was the whole gap between the flow and the plain average (docs/models.md). A
+    # model must be trained with it; the halo also coded the sources' background levels for the
+    # sampled decomposition, which therefore puts each source's background value wherever the fused
+    # image is FUSED_BACKGROUND (and learns the tissue without reading the halo). The exact
+    # decomposition is unaffected: the kept residual r = u − logit(y) restores u.
+    clear_background: bool = False
     # "logit": decompose by feeding logit(y) back (exact inverse); "sigmoid": feed y itself and
     # squash the result, as the authors' code trained and decomposed.
     reverse_input: str = "logit"
@@ -195,6 +209,22 @@ class FusionFlow(nn.Module):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         (u, z), _ = self.graph(x, jac=False)
         return u, z
+
+    def fused_image(self, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The fused image y = σ(u) of sources x (B, 2, H, W), with the background rule of
+        ``config.clear_background``: the one definition used by inference and training."""
+        y = torch.sigmoid(u)
+        if not self.config.clear_background:
+            return y
+        return y.masked_fill((x <= 0).all(dim=1, keepdim=True), FUSED_BACKGROUND)
+
+    def cleared_background(self, y):
+        """Where the fused image y (tensor or array) says "both sources are background": the voxels
+        that the background rule set (None for a model without the rule). σ(u) never equals
+        FUSED_BACKGROUND by chance in practice: that needs u = −9.2103 to float32 precision."""
+        if not self.config.clear_background:
+            return None
+        return y == (FUSED_BACKGROUND if isinstance(y, torch.Tensor) else np.float32(FUSED_BACKGROUND))
 
     def inverse(self, u: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         x, _ = self.graph([u, z], rev=True, jac=False)

@@ -252,8 +252,9 @@ OPTIONS: Tuple[TrainOption, ...] = (
       "Final ReLU in the subnets", "advanced",
       description="End each coupling subnet with a ReLU as the authors' network does (trains much slower)."),
     _O("full_resolution", "full-resolution", "bool", False,
-      "run every coupling block at full resolution, without the 2x2 squeeze (no 2x2 block artefacts; the bundled "
-      "model uses it; default: off = the authors' architecture)", "Full-resolution blocks", "model",
+      "run every coupling block at full resolution, without the 2x2 squeeze (no 2x2 block artefacts, but the "
+      "sampled decomposition fails on a CPU budget, docs/models.md; default: off = the authors' architecture)",
+      "Full-resolution blocks", "model",
       description="Run every coupling block at full resolution, without the 2x2 i-RevNet squeeze: the flow is then "
                   "shift-equivariant and cannot leave a 2x2 block pattern in the fused image."),
     _O("padding_mode", "padding-mode", "choice", "zeros",
@@ -262,6 +263,11 @@ OPTIONS: Tuple[TrainOption, ...] = (
       choices=("zeros", "replicate"),
       description="zeros: the authors' convolution padding; replicate: continue the image border, which keeps the "
                   "border of the sampled decomposition's uncertainty map at the background's level."),
+    _O("clear_background", "clear-background", "bool", False,
+      "make the fused image flat where both sources are background instead of the flow's faint halo (the bundled "
+      "model uses it; default: off = the authors' fused image)", "Clear background", "model",
+      description="Where both normalized sources are background, the fused image takes one flat value instead of "
+                  "the faint halo of tissue values the flow spreads there; the decomposition is trained with it."),
     _O("grad_clip", "grad-clip", "float", None, "clip the global gradient norm to G (default: off)",
       "Gradient clipping", "advanced", minimum=0.0, exclusive_minimum=True, zero_unset=True, xml_tag="double",
       xml_default="0.0", metavar="G", description="Maximum global gradient norm; 0 disables clipping."),

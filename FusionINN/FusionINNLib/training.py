@@ -126,6 +126,7 @@ class TrainingConfig:
     subnet_final_relu: bool = False
     full_resolution: bool = False  # no 2x2 squeeze (model.FusionINNConfig.full_resolution)
     padding_mode: str = "zeros"  # subnet convolutions at the image border (model.FusionINNConfig.padding_mode)
+    clear_background: bool = False  # flat fused background (model.FusionINNConfig.clear_background)
     reverse_input: str = "logit"
     prior: str = "normal"
     latent_loss: str = DEFAULT_LATENT_LOSS
@@ -226,7 +227,7 @@ class TrainingConfig:
         return FusionINNConfig(blocks=self.blocks, hidden_channels=self.hidden_channels,
                                subnet_final_relu=self.subnet_final_relu, permutation_seed=self.seed,
                                full_resolution=self.full_resolution, padding_mode=self.padding_mode,
-                               reverse_input=self.reverse_input)
+                               clear_background=self.clear_background, reverse_input=self.reverse_input)
 
     def label_rule(self) -> Optional[str]:
         if self.labels is None or str(self.labels).strip().lower() in BRAIN_LABELS:
@@ -521,8 +522,8 @@ class _ShardSampler(torch.utils.data.Sampler):
 class FlowTrainingStep(nn.Module):
     """One module for the whole training pass, so that ``DistributedDataParallel`` sees both
     directions: ``(u, z) = f(x)``, then the decomposition exactly as inference computes it from
-    the fused image alone: ``x̂ = f⁻¹(logit(clamp(σ(u))), z′)`` (or, for the authors' scheme with
-    ``reverse_input="sigmoid"``, ``x̂ = σ(f⁻¹(σ(u), z′))``).
+    the fused image alone: ``x̂ = f⁻¹(logit(y), z′)`` with y = ``flow.fused_image(u, x)`` (or, for
+    the authors' scheme with ``reverse_input="sigmoid"``, ``x̂ = σ(f⁻¹(y, z′))``); returns (y, z, x̂).
 
     Feeding ``u`` itself back would train a decomposition that inference cannot reproduce: once
     σ(u) rounds to 0 or 1 in float32 (|u| ≳ 16.6) the fused image no longer determines u. Measured:
@@ -536,11 +537,18 @@ class FlowTrainingStep(nn.Module):
 
     def forward(self, x: torch.Tensor, z_fresh: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         u, z = self.flow(x)
+        y = self.flow.fused_image(u, x)
         if self.flow.config.reverse_input == "sigmoid":
-            x_hat = torch.sigmoid(self.flow.inverse(torch.sigmoid(u), z_fresh))
+            x_hat = torch.sigmoid(self.flow.inverse(y, z_fresh))
         else:
-            x_hat = self.flow.inverse(logit(torch.sigmoid(u)), z_fresh)
-        return u, z, x_hat
+            x_hat = self.flow.inverse(logit(y), z_fresh)
+        background = self.flow.cleared_background(y)
+        if background is not None:
+            # as the sampled decomposition at inference: each source's background value (its
+            # minimum, which is the background of a slice that has any) where y says background
+            floor = x.detach().amin(dim=(2, 3), keepdim=True)
+            x_hat = torch.where(background, floor, x_hat)
+        return y, z, x_hat
 
 
 def initialize_actnorm(flow: FusionFlow, batch: torch.Tensor) -> None:
@@ -932,8 +940,9 @@ class _Trainer:
         from .checkpoint import load_checkpoint
 
         loaded = load_checkpoint(self.config.init_model)
-        # padding has no weights, so a fine-tuning run may change it
-        if replace(loaded.model.config, padding_mode=model_config.padding_mode) != model_config:
+        # padding and the background rule have no weights, so a fine-tuning run may change them
+        if replace(loaded.model.config, padding_mode=model_config.padding_mode,
+                   clear_background=model_config.clear_background) != model_config:
             raise ValueError(f"{self.config.init_model}: its architecture ({loaded.model.config}) differs from "
                              f"this run's ({model_config}); use the same blocks, subnet and seed settings")
         self.flow.graph.load_state_dict(loaded.model.graph.state_dict())
@@ -952,8 +961,8 @@ class _Trainer:
         z_fresh = sample_prior(c.prior, (x.shape[0], 1, *x.shape[2:]), z_generator, self.device)
         z_fresh = z_fresh.contiguous(memory_format=self.memory_format)
         with self._autocast():
-            u, z, x_hat = self.step_module(x, z_fresh)
-        y = torch.sigmoid(u.float())
+            y, z, x_hat = self.step_module(x, z_fresh)
+        y = y.float()
         if c.adaptive_weights:
             ssim_w, l2_w = adaptive_weights(x)
         else:
