@@ -2,7 +2,7 @@
 
 This file is the thin Slicer layer: module metadata, the parameter node, the widget, the self-tests
 and a logic class that adds Slicer's module-logic base to :class:`FusionINNSlicerLib.FusionINNCoreLogic`
-(MRML ⇄ :class:`FusionINNLib.volume.Volume`, worker jobs, output nodes; Qt-free, tested on real MRML).
+(MRML ⇄ :class:`FusionINNLib.io.volume.Volume`, worker jobs, output nodes; Qt-free, tested on real MRML).
 
 Every heavy job (fuse, decompose, score, explain, Jacobian, difference maps, batch) runs in the
 FusionINN **worker**, a separate process running the same ``FusionINNLib`` code as the
@@ -645,7 +645,7 @@ class FusionINNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 "model": outputModel,
             }
             parameters = {
-                "dataDir": dataDirectory,  # the Slicer names of FusionINNLib.train_options (DATA_DIR, --output)
+                "dataDir": dataDirectory,  # the Slicer names of FusionINNLib.train.options (DATA_DIR, --output)
                 "output": outputModel,
                 "epochs": int(self.ui.trainEpochsSpinBox.value),
                 "device": p.device if p is not None else "auto",

@@ -26,7 +26,7 @@ that has the extension's requirements (see ``docs/training_cli.md``).
 
 Exit codes: 0 success, 1 error (one clear message on stderr), 2 invalid arguments, 130 cancelled.
 
-The training itself is :func:`FusionINNLib.training.train`; this file only translates arguments,
+The training itself is :func:`FusionINNLib.train.training.train`; this file only translates arguments,
 reports and writes the return values. ``FusionINNLib`` is found on ``sys.path`` or, as Slicer does
 not always put an extension's scripted-module folder on the CLI's path, next to this file
 (``../qt-scripted-modules`` in an installed extension or build tree, ``../FusionINN`` in a source
@@ -60,7 +60,7 @@ EXIT_USAGE = 2  # argparse's own code for invalid arguments
 EXIT_CANCELLED = 130  # the shell convention for "terminated by Ctrl-C"
 
 # The parameters, their bounds and what 0 means come from the one table of training options,
-# FusionINNLib.train_options (the XML is generated from it). Bounds are checked while parsing so that
+# FusionINNLib.train.options (the XML is generated from it). Bounds are checked while parsing so that
 # a bad value is reported with the parameter's own name; XML <constraints> exist only for bounded
 # fractions (they turn Slicer's spin boxes into sliders, which do not suit epoch counts).
 
@@ -164,11 +164,11 @@ def read_parameters(xml_path: Path = XML_PATH) -> List[Parameter]:
 
 
 def _table_bounds() -> Dict[str, Tuple[Optional[float], Optional[float], bool, bool]]:
-    """Slicer name → (minimum, maximum, exclusive minimum, 0 = unset) from FusionINNLib.train_options,
+    """Slicer name → (minimum, maximum, exclusive minimum, 0 = unset) from FusionINNLib.train.options,
     or nothing when the library cannot be found yet (the training then reports that)."""
     try:
         ensure_library_importable()
-        from FusionINNLib.train_options import slicer_bounds
+        from FusionINNLib.train.options import slicer_bounds
     except (CLIError, ImportError):
         return {}
     return slicer_bounds()
@@ -346,7 +346,7 @@ def ensure_library_importable(script: Optional[Path] = None) -> Optional[Path]:
 def _import_training():
     """The training module, or a clear message naming the missing package (usually PyTorch)."""
     try:
-        from FusionINNLib import training
+        from FusionINNLib.train import training
     except ModuleNotFoundError as error:
         raise CLIError(f"the Python package '{error.name}' is missing in {sys.executable}; in Slicer, open the "
                        "FusionINN module once (it installs PyTorch through the PyTorch extension and the other "
@@ -458,7 +458,7 @@ class CancelFlag:
 def _quiet_discovery():
     """Silence the discovery's "skipped N case folder(s)" warning for the script's own look-ups:
     the training discovers the cases again and reports every skipped folder with its reason."""
-    library_logger = logging.getLogger("FusionINNLib.brats")
+    library_logger = logging.getLogger("FusionINNLib.io.brats")
     level = library_logger.level
     library_logger.setLevel(logging.ERROR)
     try:
@@ -470,7 +470,7 @@ def _quiet_discovery():
 def check_data_directory(path: str, modalities: Tuple[str, str]):
     """Fail fast, with the folder in the message, before PyTorch is loaded: missing, not a folder,
     empty, or no usable case. Returns the discovery (usable cases and skipped folders)."""
-    from FusionINNLib.brats import discover_cases
+    from FusionINNLib.io.brats import discover_cases
 
     folder = Path(path).expanduser()
     if not folder.exists():
@@ -491,8 +491,8 @@ def check_data_directory(path: str, modalities: Tuple[str, str]):
 
 def training_config(args: argparse.Namespace, training) -> Any:
     """The :class:`TrainingConfig` for the parsed arguments, through the one option table
-    (:func:`FusionINNLib.train_options.config_from_slicer`: 0 → unset where the table says so)."""
-    from FusionINNLib.train_options import config_from_slicer
+    (:func:`FusionINNLib.train.options.config_from_slicer`: 0 → unset where the table says so)."""
+    from FusionINNLib.train.options import config_from_slicer
 
     values = config_from_slicer(vars(args))
     values["data_dir"] = str(Path(values["data_dir"]).expanduser())
@@ -543,7 +543,7 @@ def run(args: argparse.Namespace, reporter: Reporter, cancel: Callable[[], bool]
                  + (f"; {len(discovery.skipped)} case folder(s) skipped (listed below)" if discovery.skipped else ""))
 
     training = _import_training()  # PyTorch is loaded only now, after the quick checks
-    from FusionINNLib.process import allow_process_tuning
+    from FusionINNLib.core.process import allow_process_tuning
 
     allow_process_tuning()  # this CLI owns its process (the library never tunes Slicer's)
     config = training_config(args, training)
@@ -587,7 +587,7 @@ def _worded(error: BaseException) -> str:
     """The error for a Slicer user: typed library errors worded for the GUI (parameter labels,
     never ``fusioninn`` flags), others as their text."""
     try:
-        from FusionINNLib.errors import FusionINNError
+        from FusionINNLib.core.errors import FusionINNError
     except ImportError:
         return str(error) or type(error).__name__
     if isinstance(error, FusionINNError):
@@ -631,7 +631,7 @@ def _main(args: argparse.Namespace, reporter: Reporter) -> int:
         return EXIT_CANCELLED
     except Exception as error:  # noqa: BLE001 - every failure ends in one readable message and an exit code
         if type(error).__name__ == "Cancelled" and type(error).__module__.startswith(LIBRARY_PACKAGE):
-            # FusionINNLib.engine.Cancelled: the training saw the SIGTERM flag
+            # FusionINNLib.core.engine.Cancelled: the training saw the SIGTERM flag
             reporter.error(f"{MODULE_NAME}: {error}")
             return EXIT_CANCELLED
         expected = isinstance(error, (CLIError, ValueError, OSError))

@@ -1,4 +1,4 @@
-"""Artefact measures (FusionINNLib.artefacts) and the gradient loss (losses.gradient_loss)."""
+"""Artefact measures (FusionINNLib.metrics.artefacts) and the gradient loss (losses.gradient_loss)."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,14 +6,14 @@ import pytest
 import torch
 from scipy import ndimage
 
-from FusionINNLib.artefacts import (
+from FusionINNLib.core.losses import gradient_loss, max_abs_gradient_target
+from FusionINNLib.metrics.artefacts import (
     background_mask,
     checkerboard_ratio,
     diagonal_detail_share,
     haar_details,
     hot_background_fraction,
 )
-from FusionINNLib.losses import gradient_loss, max_abs_gradient_target
 
 
 def smooth_image(seed: int, shape=(64, 64)) -> np.ndarray:
@@ -105,7 +105,7 @@ def test_gradient_loss_prefers_the_stronger_edge_of_each_source():
 
 
 def test_block_boundary_ratio_sees_a_2x2_block_pattern():
-    from FusionINNLib.artefacts import block_boundary_ratio
+    from FusionINNLib.metrics.artefacts import block_boundary_ratio
 
     s1, s2 = smooth_image(4), smooth_image(5)
     mean = (s1 + s2) / 2

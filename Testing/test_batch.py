@@ -1,4 +1,4 @@
-"""Batch fusion of case folders (FusionINNLib.batch) and the ``fusioninn batch`` command."""
+"""Batch fusion of case folders (FusionINNLib.jobs.batch) and the ``fusioninn batch`` command."""
 from __future__ import annotations
 
 import os
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from FusionINNLib import batch
-from FusionINNLib.phantom import make_phantom_case
-from FusionINNLib.volume import Volume, read_volume
+from FusionINNLib.io.phantom import make_phantom_case
+from FusionINNLib.io.volume import Volume, read_volume
+from FusionINNLib.jobs import batch
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (16, 32, 32)
@@ -30,8 +30,8 @@ def _write(array: np.ndarray, path: Path, spacing=(1.0, 1.0, 1.0), origin=(0.0, 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> Path:
     """An explicit (untrained) checkpoint: the bundled model is not part of the test environment."""
-    from FusionINNLib.checkpoint import save_checkpoint
-    from FusionINNLib.model import FusionFlow
+    from FusionINNLib.core.model import FusionFlow
+    from FusionINNLib.io.checkpoint import save_checkpoint
 
     path = tmp_path_factory.mktemp("model") / "model.pt"
     save_checkpoint(path, FusionFlow())
@@ -88,7 +88,7 @@ def test_batch_fuses_every_complete_case_and_reports_the_incomplete_one(brats_fo
 
 
 def test_batch_outputs_decompose_exactly_with_their_kept_latent(brats_folder, tmp_path, model_path):
-    from FusionINNLib.pipeline import decompose_files
+    from FusionINNLib.jobs.pipeline import decompose_files
 
     result, _ = _run(brats_folder, tmp_path / "out", model_path, keep_latent=True)
     outcome = next(o for o in result.outcomes if o.status == "ok")

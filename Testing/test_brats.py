@@ -13,8 +13,8 @@ import SimpleITK as sitk
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from FusionINNLib import brats
-from FusionINNLib.brats import (
+from FusionINNLib.io import brats
+from FusionINNLib.io.brats import (
     DEFAULT_LABEL_RULE,
     MODALITY_ALIASES,
     Case,
@@ -28,7 +28,7 @@ from FusionINNLib.brats import (
     subject_id_from_name,
     write_split,
 )
-from FusionINNLib.phantom import write_phantom_cases
+from FusionINNLib.io.phantom import write_phantom_cases
 
 TINY = np.arange(4 * 6 * 5, dtype=np.float32).reshape(4, 6, 5)
 
@@ -381,7 +381,7 @@ def test_slice_cache_misses_when_an_input_changes_or_is_corrupt(tmp_path, caplog
     assert not second.from_cache and second.cache_path != first.cache_path
     # A truncated array is detected and rebuilt rather than returned.
     second.cache_path.write_bytes(b"\x93NUMPY garbage")
-    with caplog.at_level(logging.WARNING, logger="FusionINNLib.brats"):
+    with caplog.at_level(logging.WARNING, logger="FusionINNLib.io.brats"):
         third = load_case_slices(case, ("t1ce", "flair"), cache_dir=cache, labels=None)
     assert not third.from_cache and "unreadable slice cache" in caplog.text
     np.testing.assert_array_equal(third[1], second[1])
@@ -442,8 +442,8 @@ def test_real_brats_folders(shared_data):
 
 
 def test_truncated_case_file_is_refused_when_loading_slices(tmp_path):
-    from FusionINNLib.brats import discover_cases, load_case_slices
-    from FusionINNLib.phantom import write_phantom_cases
+    from FusionINNLib.io.brats import discover_cases, load_case_slices
+    from FusionINNLib.io.phantom import write_phantom_cases
 
     write_phantom_cases(tmp_path, cases=1, shape=(16, 32, 32), seed=0)
     flair = next(tmp_path.rglob("*_flair.nii.gz"))

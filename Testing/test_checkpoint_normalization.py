@@ -5,21 +5,21 @@ import numpy as np
 import pytest
 import torch
 
-from FusionINNLib.checkpoint import (
+from FusionINNLib.core.model import FusionFlow, FusionINNConfig
+from FusionINNLib.core.normalization import (
+    NormalizationParams,
+    background_value,
+    denormalize_std,
+    denormalize_volume,
+    normalize_volume,
+)
+from FusionINNLib.io.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
     file_sha256,
     load_checkpoint,
     resolve_model,
     save_checkpoint,
-)
-from FusionINNLib.model import FusionFlow, FusionINNConfig
-from FusionINNLib.normalization import (
-    NormalizationParams,
-    background_value,
-    denormalize_std,
-    denormalize_volume,
-    normalize_volume,
 )
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from FusionINNLib.checkpoint import bundled_model_path, load_checkpoint
+from FusionINNLib.io.checkpoint import bundled_model_path, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from FusionINNLib.engine import Cancelled, SliceEngine, logit, select_device
-from FusionINNLib.model import FusionFlow, FusionINNConfig
+from FusionINNLib.core.engine import Cancelled, SliceEngine, logit, select_device
+from FusionINNLib.core.model import FusionFlow, FusionINNConfig
 
 
 def saturating_model(seed: int = 0) -> FusionFlow:
@@ -193,7 +193,7 @@ def brain_with_background(shape=(2, 48, 48), seed=5):
 
 
 def test_clear_background_makes_the_fused_background_flat_and_still_inverts_exactly():
-    from FusionINNLib.model import FUSED_BACKGROUND
+    from FusionINNLib.core.model import FUSED_BACKGROUND
 
     x1, x2, outside = brain_with_background()
     plain = SliceEngine(FusionFlow(FusionINNConfig(padding_mode="replicate"), seed=1), "cpu")

@@ -1,4 +1,4 @@
-"""Guidance maps and Jacobian images (FusionINNLib.explain) against brute-force autograd.
+"""Guidance maps and Jacobian images (FusionINNLib.jobs.explain) against brute-force autograd.
 
 The reference here is written independently of the library: its own edge padding (by index
 clamping) and one ``torch.autograd.grad`` call per fused pixel, as FuseVis does.
@@ -17,11 +17,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from FusionINNLib import cli, explain
-from FusionINNLib.checkpoint import save_checkpoint
-from FusionINNLib.engine import Cancelled
-from FusionINNLib.model import FusionFlow, FusionINNConfig
-from FusionINNLib.volume import Volume
+from FusionINNLib import cli
+from FusionINNLib.core.engine import Cancelled
+from FusionINNLib.core.model import FusionFlow, FusionINNConfig
+from FusionINNLib.io.checkpoint import save_checkpoint
+from FusionINNLib.io.volume import Volume
+from FusionINNLib.jobs import explain
 
 REPO = Path(__file__).resolve().parents[1]
 

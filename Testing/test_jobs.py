@@ -11,12 +11,12 @@ import pytest
 import SimpleITK as sitk
 
 from FusionINNLib import jobs
-from FusionINNLib.checkpoint import save_checkpoint
-from FusionINNLib.engine import Cancelled
-from FusionINNLib.errors import LatentMismatchError, ModelMismatchError, OptionError, error_from_dict, user_message
-from FusionINNLib.model import FusionFlow
-from FusionINNLib.phantom import make_phantom_case
-from FusionINNLib.volume import Volume, read_volume
+from FusionINNLib.core.engine import Cancelled
+from FusionINNLib.core.errors import LatentMismatchError, ModelMismatchError, OptionError, error_from_dict, user_message
+from FusionINNLib.core.model import FusionFlow
+from FusionINNLib.io.checkpoint import save_checkpoint
+from FusionINNLib.io.phantom import make_phantom_case
+from FusionINNLib.io.volume import Volume, read_volume
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,8 +109,8 @@ def test_score_job_is_the_cli_and_the_batch_scorer(tmp_path, pair, model_path, c
     jobs.run(jobs.FuseRequest(str(pair[0]), str(pair[1]), output=str(fused), model=str(model_path), device="cpu"))
     report = jobs.run(jobs.ScoreRequest(read_volume(pair[0]), read_volume(pair[1]), read_volume(fused),
                                         baselines=("mean",)))
-    from FusionINNLib.batch import score_volumes
     from FusionINNLib.cli import main
+    from FusionINNLib.jobs.batch import score_volumes
 
     batch_summary = score_volumes(read_volume(pair[0]), read_volume(pair[1]), read_volume(fused))["summary"]
     assert main(["metrics", str(pair[0]), str(pair[1]), str(fused), "--json"]) == 0
@@ -179,10 +179,10 @@ def test_worker_style_round_trip_in_a_subprocess(tmp_path, pair, model_path):
 def test_library_errors_name_no_flag_in_the_gui_wording(tmp_path, pair):
     """Every typed error the library raises for option combinations, a device or a latent reads for
     the GUI without a command-line flag, and for the CLI exactly as before."""
-    from FusionINNLib.batch import find_batch_cases
-    from FusionINNLib.engine import select_device
-    from FusionINNLib.errors import DeviceUnavailableError, FusionINNError
-    from FusionINNLib.explain import explain_files
+    from FusionINNLib.core.engine import select_device
+    from FusionINNLib.core.errors import DeviceUnavailableError, FusionINNError
+    from FusionINNLib.jobs.batch import find_batch_cases
+    from FusionINNLib.jobs.explain import explain_files
 
     raised = []
     for run in (lambda: explain_files(pair[0], pair[1], tmp_path / "g1.nrrd", tmp_path / "g2.nrrd",
@@ -214,9 +214,9 @@ def test_library_errors_name_no_flag_in_the_gui_wording(tmp_path, pair):
 
 
 @pytest.mark.parametrize("error", [
-    __import__("FusionINNLib.errors", fromlist=["x"]).OutOfMemoryError(device="cuda:0"),
-    __import__("FusionINNLib.errors", fromlist=["x"]).ModelNotFoundError(path="/x/fusioninn_default.pt"),
-    __import__("FusionINNLib.errors", fromlist=["x"]).TrainingDivergedError(detail="m.pt: not written"),
+    __import__("FusionINNLib.core.errors", fromlist=["x"]).OutOfMemoryError(device="cuda:0"),
+    __import__("FusionINNLib.core.errors", fromlist=["x"]).ModelNotFoundError(path="/x/fusioninn_default.pt"),
+    __import__("FusionINNLib.core.errors", fromlist=["x"]).TrainingDivergedError(detail="m.pt: not written"),
 ])
 def test_every_typed_error_has_a_flag_free_gui_wording(error):
     assert "--" in str(error) and "--" not in error.message("gui")
@@ -226,8 +226,8 @@ def test_every_typed_error_has_a_flag_free_gui_wording(error):
 def test_save_checkpoint_refuses_nan_weights_with_a_typed_error(tmp_path):
     import torch
 
-    from FusionINNLib.checkpoint import CheckpointError
-    from FusionINNLib.errors import TrainingDivergedError
+    from FusionINNLib.core.errors import TrainingDivergedError
+    from FusionINNLib.io.checkpoint import CheckpointError
 
     model = FusionFlow(seed=1)
     with torch.no_grad():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from FusionINNLib import losses as L
+from FusionINNLib.core import losses as L
 
 
 def _smooth_images(batch: int, size: int = 32, seed: int = 0) -> torch.Tensor:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from FusionINNLib.checkpoint import load_checkpoint
-from FusionINNLib.model import FusionFlow, FusionINNConfig, count_parameters
+from FusionINNLib.core.model import FusionFlow, FusionINNConfig, count_parameters
+from FusionINNLib.io.checkpoint import load_checkpoint
 
 
 def reference_graph() -> ff.GraphINN:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from FusionINNLib.phantom import (
+from FusionINNLib.io.phantom import (
     LABEL_ENHANCING,
     LABEL_NECROSIS,
     LABEL_OEDEMA,

@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from FusionINNLib.checkpoint import save_checkpoint
-from FusionINNLib.engine import Cancelled
-from FusionINNLib.model import FusionFlow
-from FusionINNLib.pipeline import (
+from FusionINNLib.core.engine import Cancelled
+from FusionINNLib.core.model import FusionFlow
+from FusionINNLib.io.checkpoint import save_checkpoint
+from FusionINNLib.io.volume import VolumeError, read_volume
+from FusionINNLib.jobs.pipeline import (
     decompose_files,
     fuse_files,
     read_latent,
     read_record,
     record_sidecar,
 )
-from FusionINNLib.volume import VolumeError, read_volume
 
 REPO = Path(__file__).resolve().parents[1]
 OBLIQUE = (0.9848077, -0.1736482, 0.0, 0.1736482, 0.9848077, 0.0, 0.0, 0.0, 1.0)
@@ -135,7 +135,7 @@ def test_sampled_decomposition_writes_std_maps(tmp_path, pair_files, model_path)
 
 
 def test_a_cleared_background_decomposes_to_each_sources_background_with_no_uncertainty(tmp_path, pair_files):
-    from FusionINNLib.model import FUSED_BACKGROUND, FusionINNConfig
+    from FusionINNLib.core.model import FUSED_BACKGROUND, FusionINNConfig
 
     model = save_checkpoint(tmp_path / "cleared.pt", FusionFlow(FusionINNConfig(clear_background=True), seed=7))
     in1, in2 = pair_files

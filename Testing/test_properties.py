@@ -25,10 +25,9 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from FusionINNLib.engine import SliceEngine
-from FusionINNLib.metrics import fusion_metrics
-from FusionINNLib.model import FusionFlow, FusionINNConfig
-from FusionINNLib.normalization import (
+from FusionINNLib.core.engine import SliceEngine
+from FusionINNLib.core.model import FusionFlow, FusionINNConfig
+from FusionINNLib.core.normalization import (
     NORMALIZED_LIMIT,
     NormalizationParams,
     background_value,
@@ -36,7 +35,8 @@ from FusionINNLib.normalization import (
     linear_percentiles,
     normalize_volume,
 )
-from FusionINNLib.volume import Volume, _from_image, read_volume, resample_like, to_image, write_volume
+from FusionINNLib.io.volume import Volume, _from_image, read_volume, resample_like, to_image, write_volume
+from FusionINNLib.metrics import fusion_metrics
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow,
                                                                           HealthCheck.function_scoped_fixture])

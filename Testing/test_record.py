@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from FusionINNLib import record as rec
 from FusionINNLib import slicer_support as support
-from FusionINNLib.checkpoint import save_checkpoint
-from FusionINNLib.model import FusionFlow
-from FusionINNLib.phantom import make_phantom_case
-from FusionINNLib.pipeline import fuse_files, read_record
-from FusionINNLib.volume import read_volume
+from FusionINNLib.core.model import FusionFlow
+from FusionINNLib.io import record as rec
+from FusionINNLib.io.checkpoint import save_checkpoint
+from FusionINNLib.io.phantom import make_phantom_case
+from FusionINNLib.io.volume import read_volume
+from FusionINNLib.jobs.pipeline import fuse_files, read_record
 
 # A sidecar exactly as the code before the record module wrote it (json.dumps of a plain dict).
 OLD_RECORD = {
@@ -96,7 +96,7 @@ def test_one_validator_for_every_carrier(tmp_path, text, needle):
 
 
 def test_the_record_module_imports_neither_torch_nor_simpleitk():
-    code = ("import sys; import FusionINNLib.record, FusionINNLib.slicer_support; "
+    code = ("import sys; import FusionINNLib.io.record, FusionINNLib.slicer_support; "
             "print('torch' in sys.modules, 'SimpleITK' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "FusionINN")})

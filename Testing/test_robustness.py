@@ -34,11 +34,11 @@ import SimpleITK as sitk
 import torch
 
 from FusionINNLib import cli as fusioninn_cli
-from FusionINNLib.checkpoint import FORMAT_VERSION, save_checkpoint
-from FusionINNLib.engine import Cancelled, SliceEngine
-from FusionINNLib.model import FusionFlow, FusionINNConfig
-from FusionINNLib.pipeline import decompose_files, fuse_files, read_record, record_sidecar
-from FusionINNLib.volume import Volume, read_volume
+from FusionINNLib.core.engine import Cancelled, SliceEngine
+from FusionINNLib.core.model import FusionFlow, FusionINNConfig
+from FusionINNLib.io.checkpoint import FORMAT_VERSION, save_checkpoint
+from FusionINNLib.io.volume import Volume, read_volume
+from FusionINNLib.jobs.pipeline import decompose_files, fuse_files, read_record, record_sidecar
 
 REPO = Path(__file__).resolve().parents[1]
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -508,9 +508,9 @@ API_CASES: Dict[str, Tuple[Callable[[], Tuple[Volume, Volume]], str]] = {
 
 @pytest.mark.parametrize("name", sorted(API_CASES))
 def test_fuse_volumes_matrix_leaves_the_caller_arrays_alone(name, model_path):
-    from FusionINNLib.checkpoint import load_checkpoint
-    from FusionINNLib.pipeline import fuse_volumes
-    from FusionINNLib.volume import VolumeError
+    from FusionINNLib.io.checkpoint import load_checkpoint
+    from FusionINNLib.io.volume import VolumeError
+    from FusionINNLib.jobs.pipeline import fuse_volumes
 
     build, error = API_CASES[name]
     volume1, volume2 = build()
@@ -535,7 +535,7 @@ def test_fuse_volumes_matrix_leaves_the_caller_arrays_alone(name, model_path):
     ({"direction": (1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)}, "direction must be an invertible"),
 ])
 def test_broken_geometry_is_refused_where_it_is_made(geometry, message):
-    from FusionINNLib.volume import VolumeError
+    from FusionINNLib.io.volume import VolumeError
 
     with pytest.raises(VolumeError, match=message):
         Volume(brain(), **geometry)
@@ -1028,7 +1028,7 @@ def test_near_degenerate_uint16_normalization_round_trips_bit_exactly(tmp_path, 
 def test_a_model_with_nan_weights_is_refused_everywhere(tmp_path, capfd):
     """Item 4: NaN weights wrote an all-NaN fused NRRD with exit 0; refused at load, by fuse,
     decompose, batch and the training CLI's --init-model."""
-    from FusionINNLib.checkpoint import CheckpointError, load_checkpoint
+    from FusionINNLib.io.checkpoint import CheckpointError, load_checkpoint
 
     flow = FusionFlow(seed=3)
     with torch.no_grad():
@@ -1051,7 +1051,7 @@ def test_a_model_with_nan_weights_is_refused_everywhere(tmp_path, capfd):
     code, out, err = run_inprocess(capfd, "batch", root, "-o", tmp_path / "out", "--model", model, "--quiet")
     assert_one_line_error(code, out, err, "batch", ("nan.pt", "NaN/Inf"))
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*fused*"))
-    from FusionINNLib.phantom import write_phantom_cases
+    from FusionINNLib.io.phantom import write_phantom_cases
 
     write_phantom_cases(tmp_path / "phantoms", cases=2, shape=(16, 32, 32), seed=0)
     code, out, err = run_inprocess(capfd, "train", tmp_path / "phantoms", "-o", tmp_path / "trained.pt",
@@ -1091,7 +1091,7 @@ def test_sigterm_while_writing_removes_the_temporary_files(signal_name, code, tm
     CLI installs)."""
     import signal
 
-    from FusionINNLib.volume import OutputSet
+    from FusionINNLib.io.volume import OutputSet
 
     if not hasattr(signal, signal_name):
         pytest.skip(f"no {signal_name} on this platform")
@@ -1248,8 +1248,8 @@ def test_exact_decomposition_returns_integer_sources_bit_exactly(dtype, tmp_path
 def test_full_range_int32_stays_float_with_a_note(tmp_path, model_path):
     """Item 9: 32 bits do not survive a float32 network: float32 output and a note, never a
     wrongly rounded integer image."""
-    from FusionINNLib.checkpoint import load_checkpoint
-    from FusionINNLib.pipeline import decompose_volume, fuse_volumes
+    from FusionINNLib.io.checkpoint import load_checkpoint
+    from FusionINNLib.jobs.pipeline import decompose_volume, fuse_volumes
 
     model = load_checkpoint(model_path)
     fused = fuse_volumes(Volume(_full_range(np.int32)), Volume(brain()), model, device="cpu", keep_latent=True,
@@ -1377,7 +1377,7 @@ def test_sigterm_in_a_batch_keeps_finished_cases_and_writes_the_summary(tmp_path
     summary says which, exit 143 with one line."""
     import signal
 
-    from FusionINNLib import pipeline
+    from FusionINNLib.jobs import pipeline
 
     root, out = tmp_path / "cases", tmp_path / "out"
     _two_batch_cases(root)
@@ -1409,8 +1409,8 @@ def test_sigterm_to_a_training_run_keeps_its_last_complete_epoch(tmp_path):
     import signal
     import time
 
-    from FusionINNLib.checkpoint import load_checkpoint
-    from FusionINNLib.phantom import write_phantom_cases
+    from FusionINNLib.io.checkpoint import load_checkpoint
+    from FusionINNLib.io.phantom import write_phantom_cases
 
     write_phantom_cases(tmp_path / "data", cases=3, shape=(16, 32, 32), seed=0)
     env = dict(os.environ, PYTHONPATH=str(REPO / "FusionINN"), OMP_NUM_THREADS="1")

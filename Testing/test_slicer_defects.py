@@ -45,7 +45,7 @@ def test_installed_version_is_read_without_importing():
 def test_loading_a_model_with_a_torch_without_safe_globals_says_to_upgrade(monkeypatch, tmp_path):
     import torch
 
-    from FusionINNLib import checkpoint
+    from FusionINNLib.io import checkpoint
 
     path = tmp_path / "model.pt"
     torch.save({"x": torch.zeros(1)}, path)
@@ -80,7 +80,7 @@ def test_resumable_checkpoint_is_found_next_to_the_output_model(tmp_path):
 
 
 def test_resume_location_matches_the_training_run_folder(tmp_path):
-    from FusionINNLib.training import TrainingConfig
+    from FusionINNLib.train.training import TrainingConfig
 
     config = TrainingConfig(data_dir=str(tmp_path), output=str(tmp_path / "m.pt"))
     expected = Path(config.output).with_name(Path(config.output).stem + "_run") / "last.pt"
@@ -91,7 +91,7 @@ def test_resume_location_matches_the_training_run_folder(tmp_path):
 
 # -- 8: the sample data ----------------------------------------------------------------------------------
 def test_sample_data_files_are_shipped_listed_and_need_no_torch(tmp_path):
-    from FusionINNLib.phantom import make_phantom_case
+    from FusionINNLib.io.phantom import make_phantom_case
 
     cmake = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     sample_dir = MODULE_DIR / "Resources" / "SampleData"
@@ -156,7 +156,7 @@ def test_no_deprecated_table_header_call():
 
 # -- 11: batch summary schema ------------------------------------------------------------------------------
 def test_batch_summary_has_a_schema(tmp_path):
-    from FusionINNLib.batch import CaseOutcome, read_summary, summary_schema_path, write_summary
+    from FusionINNLib.jobs.batch import CaseOutcome, read_summary, summary_schema_path, write_summary
 
     outcomes = [CaseOutcome("case1", "ok", metrics={"Q_SSIM": 0.5, "EN": 6.0}), CaseOutcome("case2", "failed", "bad")]
     path = write_summary(outcomes, tmp_path / "summary.tsv", ["Q_SSIM"])
@@ -173,7 +173,7 @@ def test_batch_summary_loads_typed_in_slicer(tmp_path):
     slicer = pytest.importorskip("slicer")
     if not hasattr(slicer, "vtkMRMLScene"):
         pytest.skip("not slicer-core")
-    from FusionINNLib.batch import CaseOutcome, write_summary
+    from FusionINNLib.jobs.batch import CaseOutcome, write_summary
 
     path = write_summary([CaseOutcome("c", "ok", metrics={"Q_SSIM": 0.25})], tmp_path / "summary.tsv")
     scene = slicer.vtkMRMLScene()
@@ -203,7 +203,7 @@ def test_training_history_is_plotted_with_plot_nodes(tmp_path):
     slicer = pytest.importorskip("slicer")
     if not hasattr(slicer, "vtkMRMLScene"):
         pytest.skip("not slicer-core")
-    from FusionINNLib.training import LOSS_PARTS, write_table
+    from FusionINNLib.train.training import LOSS_PARTS, write_table
     from FusionINNSlicerLib.logic import FusionINNCoreLogic
 
     columns = [("epoch", "int")] + [(f"{split}_{part}", "double") for split in ("train", "val") for part in LOSS_PARTS]

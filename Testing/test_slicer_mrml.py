@@ -34,7 +34,7 @@ if not hasattr(slicer, "vtkMRMLScene"):
 import SimpleITK as sitk  # noqa: E402
 
 from FusionINNLib import slicer_support as support  # noqa: E402
-from FusionINNLib.volume import Volume, to_image  # noqa: E402
+from FusionINNLib.io.volume import Volume, to_image  # noqa: E402
 from FusionINNLib.worker_client import WorkerClient  # noqa: E402
 from FusionINNSlicerLib.logic import FusionINNCoreLogic  # noqa: E402
 
@@ -85,7 +85,7 @@ def _phantom_nodes(logic):
 
 
 def _small_nodes(logic, shape=(16, 48, 48), ijk_to_ras=None):
-    from FusionINNLib.phantom import make_phantom_case
+    from FusionINNLib.io.phantom import make_phantom_case
 
     case = make_phantom_case(shape, seed=3)
     matrix = np.diag([1.0, 1.0, 1.0, 1.0]) if ijk_to_ras is None else ijk_to_ras
@@ -408,8 +408,9 @@ logic.batch(p)
 logic.shutdownWorker()
 after = levels()
 changed = sorted(name for name in before if before[name] != after.get(name))
-heavy = sorted(m for m in ("torch", "FusionINNLib.engine", "FusionINNLib.pipeline", "FusionINNLib.explain",
-                           "FusionINNLib.checkpoint", "FusionINNLib.brats") if m in sys.modules)
+heavy = sorted(m for m in ("torch", "FusionINNLib.core.engine", "FusionINNLib.jobs.pipeline",
+                           "FusionINNLib.jobs.explain", "FusionINNLib.io.checkpoint", "FusionINNLib.io.brats")
+               if m in sys.modules)
 print(json.dumps({"dup2": len(calls), "levels_changed": changed, "heavy_modules": heavy}))
 """
 

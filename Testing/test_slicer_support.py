@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from FusionINNLib import slicer_support as support
-from FusionINNLib.volume import Volume
+from FusionINNLib.io.volume import Volume
 
 
 def _rotation(angles):
@@ -104,7 +104,7 @@ def test_ras_to_ijk_index_inverts_the_matrix_and_rounds():
 
 
 def test_latent_vector_layout_matches_the_latent_file_format():
-    from FusionINNLib.pipeline import latent_image
+    from FusionINNLib.jobs.pipeline import latent_image
 
     rng = np.random.default_rng(0)
     latent = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
@@ -156,8 +156,8 @@ def test_model_argument():
 # -- provenance -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fusion_record():
-    from FusionINNLib.checkpoint import resolve_model
-    from FusionINNLib.pipeline import fuse_volumes
+    from FusionINNLib.io.checkpoint import resolve_model
+    from FusionINNLib.jobs.pipeline import fuse_volumes
 
     rng = np.random.default_rng(1)
     volume1 = Volume(rng.uniform(0, 100, (2, 16, 16)).astype(np.float32))
@@ -318,9 +318,9 @@ def test_background_job_hands_errors_to_the_poller():
 
 def test_background_job_cancels_a_real_fusion():
     """The cancel flag reaches the engine, which stops between batches with Cancelled."""
-    from FusionINNLib.checkpoint import resolve_model
-    from FusionINNLib.engine import Cancelled
-    from FusionINNLib.pipeline import fuse_volumes
+    from FusionINNLib.core.engine import Cancelled
+    from FusionINNLib.io.checkpoint import resolve_model
+    from FusionINNLib.jobs.pipeline import fuse_volumes
 
     rng = np.random.default_rng(2)
     volume = Volume(rng.uniform(0, 1, (64, 16, 16)).astype(np.float32))

@@ -220,8 +220,8 @@ def widget(monkeypatch, tmp_path):
 
 
 def _inputs(widget, shape=(16, 48, 48)):
-    from FusionINNLib.phantom import make_phantom_case
-    from FusionINNLib.volume import Volume
+    from FusionINNLib.io.phantom import make_phantom_case
+    from FusionINNLib.io.volume import Volume
 
     case = make_phantom_case(shape, seed=5)
     nodes = []

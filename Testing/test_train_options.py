@@ -10,9 +10,9 @@ from pathlib import Path
 import ctk_cli
 import pytest
 
-from FusionINNLib import train_options as table
 from FusionINNLib.cli import build_parser
-from FusionINNLib.training import TrainingConfig
+from FusionINNLib.train import options as table
+from FusionINNLib.train.training import TrainingConfig
 
 REPO = Path(__file__).resolve().parents[1]
 XML_FILE = REPO / "FusionINNTraining" / "FusionINNTraining.xml"
@@ -36,7 +36,7 @@ def train_parser():
 def test_the_xml_is_generated_from_the_table_byte_for_byte():
     assert XML_FILE.read_bytes() == table.slicer_xml().encode("utf-8"), (
         "FusionINNTraining.xml differs from the option table: run "
-        "python -m FusionINNLib.train_options --write-xml FusionINNTraining/FusionINNTraining.xml")
+        "python -m FusionINNLib.train.options --write-xml FusionINNTraining/FusionINNTraining.xml")
 
 
 def test_every_slicer_parameter_is_the_camel_case_of_a_fusioninn_train_option():
@@ -82,10 +82,10 @@ def test_every_training_config_field_is_an_option_or_named_as_not_exposed():
 
 
 def test_choices_agree_with_the_library():
-    from FusionINNLib.brats import MODALITY_ALIASES
-    from FusionINNLib.engine import DEVICES
-    from FusionINNLib.losses import LATENT_LOSSES, PRIORS
-    from FusionINNLib.normalization import MODES
+    from FusionINNLib.core.engine import DEVICES
+    from FusionINNLib.core.losses import LATENT_LOSSES, PRIORS
+    from FusionINNLib.core.normalization import MODES
+    from FusionINNLib.io.brats import MODALITY_ALIASES
 
     assert table.PRIORS == PRIORS and table.LATENT_LOSSES == LATENT_LOSSES and table.NORMALIZATIONS == MODES
     assert table.DEVICES == DEVICES
@@ -130,7 +130,7 @@ def test_both_command_lines_make_the_same_training_config(script):
         cli_args.append("--" + flag)
         slicer_args.append("--" + table.slicer_name(flag))
     from_cli = TrainingConfig(**table.config_from_cli(train_parser().parse_args(cli_args)))
-    from FusionINNLib import training
+    from FusionINNLib.train import training
 
     namespace = script.build_parser().parse_args(slicer_args + ["/data", "/m/out.pt"])
     from_slicer = script.training_config(namespace, training)

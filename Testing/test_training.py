@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from FusionINNLib import training
-from FusionINNLib.checkpoint import load_checkpoint
 from FusionINNLib.cli import main as cli_main
-from FusionINNLib.engine import Cancelled
-from FusionINNLib.losses import LossTerms
-from FusionINNLib.phantom import write_phantom_cases
-from FusionINNLib.training import TrainingConfig, train
+from FusionINNLib.core.engine import Cancelled
+from FusionINNLib.core.losses import LossTerms
+from FusionINNLib.io.checkpoint import load_checkpoint
+from FusionINNLib.io.phantom import write_phantom_cases
+from FusionINNLib.train import training
+from FusionINNLib.train.training import TrainingConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 # Case name → phantom index. BraTS 2023 naming: subject BraTS-GLI-00001 has two time points.
@@ -271,7 +271,8 @@ def test_early_stopping_and_the_scheduler_follow_the_epoch_mean_validation_loss(
 
 
 def test_cli_choices_match_the_library():
-    from FusionINNLib import losses, train_options
+    from FusionINNLib.core import losses
+    from FusionINNLib.train import options as train_options
 
     assert train_options.PRIORS == losses.PRIORS
     assert train_options.LATENT_LOSSES == losses.LATENT_LOSSES
@@ -335,9 +336,9 @@ def test_run_paths_and_training_data_are_units_of_their_own(data_dir, tmp_path):
 
 
 def test_training_step_decomposes_the_cleared_fused_image():
-    from FusionINNLib.engine import logit
-    from FusionINNLib.model import FUSED_BACKGROUND, FusionFlow, FusionINNConfig
-    from FusionINNLib.training import FlowTrainingStep
+    from FusionINNLib.core.engine import logit
+    from FusionINNLib.core.model import FUSED_BACKGROUND, FusionFlow, FusionINNConfig
+    from FusionINNLib.train.training import FlowTrainingStep
 
     flow = FusionFlow(FusionINNConfig(clear_background=True), seed=0)
     x = torch.rand(2, 2, 32, 32)

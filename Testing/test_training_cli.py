@@ -229,11 +229,11 @@ def test_every_path_parameter_has_a_channel_and_return_values_are_scalars():
 
 
 def test_choices_agree_with_the_core():
-    from FusionINNLib.brats import MODALITY_ALIASES
-    from FusionINNLib.engine import DEVICES
-    from FusionINNLib.losses import LATENT_LOSSES, PRIORS
-    from FusionINNLib.normalization import MODES
-    from FusionINNLib.training import DEFAULT_LABELS, TrainingConfig
+    from FusionINNLib.core.engine import DEVICES
+    from FusionINNLib.core.losses import LATENT_LOSSES, PRIORS
+    from FusionINNLib.core.normalization import MODES
+    from FusionINNLib.io.brats import MODALITY_ALIASES
+    from FusionINNLib.train.training import DEFAULT_LABELS, TrainingConfig
 
     module, _ = parse_xml_with_ctk_cli()
     parameters = {p.name: p for p in module.parameters()}
@@ -465,7 +465,7 @@ def test_sigterm_asks_the_training_to_stop_and_a_second_one_stops_at_once():
 
 # -- errors -----------------------------------------------------------------------------------
 def _one_case_without_flair(root: Path) -> Path:
-    from FusionINNLib.phantom import write_phantom_cases
+    from FusionINNLib.io.phantom import write_phantom_cases
 
     (case,) = write_phantom_cases(root, cases=1, shape=(16, 32, 32), seed=2)
     for file in case.iterdir():
@@ -545,7 +545,7 @@ def test_invalid_arguments_exit_with_usage_code(tmp_path):
 @pytest.fixture(scope="module")
 def slicer_run(tmp_path_factory):
     """Two usable phantom cases plus one folder without FLAIR; one epoch with tiny settings."""
-    from FusionINNLib.phantom import write_phantom_cases
+    from FusionINNLib.io.phantom import write_phantom_cases
 
     root = tmp_path_factory.mktemp("training_cli")
     data = root / "BraTS"
@@ -638,7 +638,7 @@ def test_slicer_run_return_parameters(slicer_run):
 
 
 def test_slicer_run_model_is_loadable_with_the_chosen_settings(slicer_run):
-    from FusionINNLib.checkpoint import load_checkpoint
+    from FusionINNLib.io.checkpoint import load_checkpoint
 
     assert slicer_run["completed"].returncode == 0
     values = slicer_run["values"]
@@ -695,7 +695,7 @@ def test_warnings_and_library_notes_of_a_successful_run_stay_off_stderr(tmp_path
 def test_a_successful_run_with_a_non_ansi_path_on_a_cp1252_stdout(tmp_path):
     """What Windows gives a CLI started by Slicer: a cp1252 pipe. The whole run (log lines naming the
     data folder, progress, return values) works and stderr stays empty."""
-    from FusionINNLib.phantom import write_phantom_cases
+    from FusionINNLib.io.phantom import write_phantom_cases
 
     data = tmp_path / "données Ω 数据"
     write_phantom_cases(data, cases=2, shape=(16, 48, 48), seed=1)

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from FusionINNLib import slicer_support as support
-from FusionINNLib.phantom import make_phantom_case
-from FusionINNLib.volume import Volume
+from FusionINNLib.io.phantom import make_phantom_case
+from FusionINNLib.io.volume import Volume
 from FusionINNLib.worker_client import WorkerClient, WorkerError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,14 +167,15 @@ def test_live_jacobian_session_sends_the_inputs_once(client):
 def test_worker_module_changes_process_state_only_in_its_own_process():
     """The client (what runs in Slicer's process) imports no torch and no compute module."""
     code = ("import sys; import FusionINNLib.worker_client, FusionINNLib.slicer_support, FusionINNLib.jobs.codec; "
-            "print(sorted(m for m in ('torch', 'FusionINNLib.engine', 'FusionINNLib.pipeline') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'FusionINNLib.core.engine', 'FusionINNLib.jobs.pipeline') "
+            "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONPATH=str(REPO / "FusionINN")))
     assert json.loads(out.stdout.strip().replace("'", '"')) == []
 
 
 def test_record_helpers_agree_with_the_pipeline():
-    from FusionINNLib import batch, pipeline
+    from FusionINNLib.jobs import batch, pipeline
 
     assert support.RECORD_FORMAT == pipeline.RECORD_FORMAT
     assert support.RECORD_FILE_KEY == pipeline.RECORD_KEY
@@ -184,8 +185,8 @@ def test_record_helpers_agree_with_the_pipeline():
 
 
 def test_typed_errors_are_worded_for_the_gui(client, tmp_path):
-    from FusionINNLib.checkpoint import save_checkpoint
-    from FusionINNLib.model import FusionFlow, FusionINNConfig
+    from FusionINNLib.core.model import FusionFlow, FusionINNConfig
+    from FusionINNLib.io.checkpoint import save_checkpoint
 
     other = tmp_path / "other.pt"
     save_checkpoint(other, FusionFlow(FusionINNConfig()))

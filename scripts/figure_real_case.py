@@ -16,11 +16,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "FusionINN"))
 
-from FusionINNLib.brats import discover_cases  # noqa: E402
-from FusionINNLib.checkpoint import resolve_model  # noqa: E402
-from FusionINNLib.normalization import normalize_volume  # noqa: E402
-from FusionINNLib.pipeline import fuse_volumes  # noqa: E402
-from FusionINNLib.volume import read_volume  # noqa: E402
+from FusionINNLib.core.normalization import normalize_volume  # noqa: E402
+from FusionINNLib.io.brats import discover_cases  # noqa: E402
+from FusionINNLib.io.checkpoint import resolve_model  # noqa: E402
+from FusionINNLib.io.volume import read_volume  # noqa: E402
+from FusionINNLib.jobs.pipeline import fuse_volumes  # noqa: E402
 
 ENHANCING = 4  # BraTS 2018 label of the enhancing tumour
 

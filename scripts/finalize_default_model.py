@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "FusionINN"))
 
-from FusionINNLib.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from FusionINNLib.io.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
 # Where each training subject comes from (../shared/data/PROVENANCE.md), by subject-id prefix.
 PROVENANCE = (

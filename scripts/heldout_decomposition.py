@@ -22,12 +22,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "FusionINN"))
 
-from FusionINNLib.brats import discover_cases, select_slices  # noqa: E402
-from FusionINNLib.checkpoint import resolve_model  # noqa: E402
-from FusionINNLib.normalization import normalize_volume  # noqa: E402
-from FusionINNLib.pipeline import decompose_volume, fuse_volumes  # noqa: E402
-from FusionINNLib.training import mean_slice_ssim  # noqa: E402
-from FusionINNLib.volume import read_volume  # noqa: E402
+from FusionINNLib.core.normalization import normalize_volume  # noqa: E402
+from FusionINNLib.io.brats import discover_cases, select_slices  # noqa: E402
+from FusionINNLib.io.checkpoint import resolve_model  # noqa: E402
+from FusionINNLib.io.volume import read_volume  # noqa: E402
+from FusionINNLib.jobs.pipeline import decompose_volume, fuse_volumes  # noqa: E402
+from FusionINNLib.train.training import mean_slice_ssim  # noqa: E402
 
 
 def normalize_with(estimate: np.ndarray, source: np.ndarray, mode: str) -> np.ndarray:

@@ -20,11 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "FusionINN"))
 
-from FusionINNLib.brats import discover_cases, load_case_slices  # noqa: E402
-from FusionINNLib.checkpoint import load_checkpoint  # noqa: E402
-from FusionINNLib.engine import SliceEngine  # noqa: E402
-from FusionINNLib.phantom import write_phantom_cases  # noqa: E402
-from FusionINNLib.training import TrainingConfig, mean_slice_ssim, train  # noqa: E402
+from FusionINNLib.core.engine import SliceEngine  # noqa: E402
+from FusionINNLib.io.brats import discover_cases, load_case_slices  # noqa: E402
+from FusionINNLib.io.checkpoint import load_checkpoint  # noqa: E402
+from FusionINNLib.io.phantom import write_phantom_cases  # noqa: E402
+from FusionINNLib.train.training import TrainingConfig, mean_slice_ssim, train  # noqa: E402
 
 
 def latent_stats(model, s1, s2):

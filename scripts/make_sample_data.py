@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from FusionINNLib.atomic import atomic_file
-from FusionINNLib.phantom import make_phantom_case
+from FusionINNLib.io.atomic import atomic_file
+from FusionINNLib.io.phantom import make_phantom_case
 
 OUT = Path(__file__).resolve().parents[1] / "FusionINN" / "Resources" / "SampleData"
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, List, Optional
 
 from . import __version__
-from .choices import NORMALIZATIONS, PRIORS
+from .core.choices import NORMALIZATIONS, PRIORS
 
 DEVICE_HELP = "compute device: auto (CUDA, then Apple MPS, then CPU), cpu, cuda or mps (default: auto)"
 
@@ -265,12 +265,12 @@ def _run_metrics(args, reporter: Reporter) -> int:
     from .jobs import ScoreRequest, run_score
 
     if not args.as_given:
-        from .pipeline import check_metrics_order
+        from .jobs.pipeline import check_metrics_order
 
         check_metrics_order(args.input1, args.input2, args.fused)
     from pathlib import Path
 
-    from .pipeline import _same_file
+    from .jobs.pipeline import _same_file
 
     if _same_file(Path(args.input1), Path(args.input2)):
         reporter.log(f"warning: {args.input1} and {args.input2} are the same file: the fusion is scored against one "
@@ -313,7 +313,7 @@ def _add_phantom(sub) -> None:
 
 
 def _run_phantom(args, reporter: Reporter) -> int:
-    from .phantom import write_phantom_cases
+    from .io.phantom import write_phantom_cases
 
     with reporter.progress("phantom") as progress:
         folders = write_phantom_cases(args.output_dir, cases=args.cases, shape=tuple(args.shape), seed=args.seed,
@@ -337,7 +337,7 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args, reporter: Reporter) -> int:
-    from .demo import run_demo
+    from .jobs.demo import run_demo
 
     with reporter.progress("demo") as progress:
         result = run_demo(args.output, model=args.model, device=args.device, seed=args.seed, log=reporter.log,
@@ -441,7 +441,7 @@ def _add_train(sub) -> None:
                     "history and metrics tables (TSV + Slicer .schema.tsv) and loss_curves.png. OUTPUT is the "
                     "epoch with the lowest validation loss. Multi-GPU / multi-node: run under torchrun, e.g. "
                     "'torchrun --nproc_per_node=2 -m FusionINNLib.cli train DATA --output M.pt'.")
-    from .train_options import add_train_arguments
+    from .train.options import add_train_arguments
 
     add_train_arguments(p)
     _add_common(p)
@@ -451,11 +451,11 @@ def _add_train(sub) -> None:
 def _run_train(args, reporter: Reporter) -> int:
     import os
 
-    from .training import TrainingConfig, train
+    from .train.training import TrainingConfig, train
 
     if int(os.environ.get("RANK", "0") or 0) > 0:
         reporter = Reporter(True)  # under torchrun only rank 0 reports
-    from .train_options import config_from_cli
+    from .train.options import config_from_cli
 
     config = TrainingConfig(**config_from_cli(args))
     with reporter.progress("train") as update:
@@ -545,7 +545,7 @@ def _one_line(error: BaseException) -> str:
 
 
 def _is_usage_error(error: BaseException) -> bool:
-    from .volume import UsageError
+    from .io.volume import UsageError
 
     return isinstance(error, UsageError) or getattr(error, "KIND", None) == "option"
 
@@ -560,7 +560,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     reporter = Reporter(getattr(args, "quiet", False))
     # The command line owns its process: it may tune it (the allocator; never done inside Slicer).
-    from .process import allow_process_tuning
+    from .core.process import allow_process_tuning
 
     allow_process_tuning()
     import signal

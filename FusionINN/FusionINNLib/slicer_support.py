@@ -4,7 +4,7 @@ Everything the ``FusionINN`` scripted module needs that is not a call into MRML 
 can be tested without Slicer:
 
 Geometry (ITK LPS ⇄ Slicer RAS)
-    A :class:`~FusionINNLib.volume.Volume` stores ITK geometry: a voxel with index (i, j, k) sits at
+    A :class:`~FusionINNLib.io.volume.Volume` stores ITK geometry: a voxel with index (i, j, k) sits at
     the LPS point ``p_LPS = origin + D · diag(spacing) · (i, j, k)ᵀ`` (D the 3×3 direction, columns =
     index axes). Slicer stores the 4×4 ``IJKToRAS`` matrix ``M`` with ``p_RAS = M · (i, j, k, 1)ᵀ``.
     RAS and LPS differ by the sign of the first two axes, ``F = diag(-1, -1, 1)``, so
@@ -33,8 +33,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import record as _record
-from .choices import BASELINE_METHODS  # noqa: F401 - defined once (FusionINNLib.choices), re-exported
+from .core.choices import BASELINE_METHODS  # noqa: F401 - defined once (FusionINNLib.core.choices), re-exported
+from .io import record as _record
 
 # -- geometry ---------------------------------------------------------------------------------
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -112,7 +112,7 @@ def ras_to_ijk_index(ijk_to_ras: Any, ras: Sequence[float], shape_kji: Sequence[
 def latent_to_vector_array(latent: np.ndarray) -> np.ndarray:
     """A kept latent ``(2, k, j, i)`` as the ``(k, j, i, 2)`` array of a 2-component vector volume.
 
-    The same component layout as :func:`FusionINNLib.pipeline.latent_image` writes to files, so a
+    The same component layout as :func:`FusionINNLib.jobs.pipeline.latent_image` writes to files, so a
     latent node saved from Slicer is a valid ``fusioninn decompose --latent`` input.
     """
     array = np.asarray(latent)
@@ -191,7 +191,7 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
 
 def model_argument(source: str, path: Any) -> Optional[str]:
-    """What to give :func:`FusionINNLib.checkpoint.resolve_model`: None for the bundled model.
+    """What to give :func:`FusionINNLib.io.checkpoint.resolve_model`: None for the bundled model.
 
     ``path`` comes from a path widget, which yields ``Path(".")`` when empty, so "." and "" mean
     "no file chosen".
@@ -237,7 +237,7 @@ def resumable_checkpoint(output_model: Any) -> Optional[str]:
     """``<dir>/<stem>_run/last.pt`` of a training whose output model is ``output_model``, if it exists.
 
     A cancelled training (Slicer stops a CLI with SIGKILL) keeps the last finished epoch there
-    (:mod:`FusionINNLib.training` writes it atomically after every epoch), so it can be resumed.
+    (:mod:`FusionINNLib.train.training` writes it atomically after every epoch), so it can be resumed.
     """
     import os
 
@@ -252,7 +252,7 @@ def resumable_checkpoint(output_model: Any) -> Optional[str]:
 
 # -- provenance -------------------------------------------------------------------------------
 ATTRIBUTE_PREFIX = "FusionINN."
-RECORD_ATTRIBUTE = _record.NODE_ATTRIBUTE  # "FusionINN.Record": the record's node carrier (FusionINNLib.record)
+RECORD_ATTRIBUTE = _record.NODE_ATTRIBUTE  # "FusionINN.Record": the record's node carrier (FusionINNLib.io.record)
 ROLE_ATTRIBUTE = ATTRIBUTE_PREFIX + "Role"
 ROLES = ("fused", "latent", "decomposed", "std", "baseline", "guidance", "jacobian", "difference", "metrics")
 # Node reference roles (MRML references survive scene save/load and node renaming).
@@ -280,7 +280,7 @@ def provenance_attributes(role: str, record: Optional[Mapping[str, Any]] = None,
                           inputs: Sequence[str] = (), **details: Any) -> Dict[str, str]:
     """Node attributes (all strings) that say how an output was made.
 
-    From the fusion ``record`` (:func:`FusionINNLib.pipeline.fuse_volumes`): model file, SHA-256,
+    From the fusion ``record`` (:func:`FusionINNLib.jobs.pipeline.fuse_volumes`): model file, SHA-256,
     origin and configuration, normalization parameters, device, slice axis; plus ``inputs`` (node
     names) and any ``details`` (seed, samples, temperature, prior, method, ...). The fused volume
     also carries the whole record as JSON (:data:`RECORD_ATTRIBUTE`), which decomposition reads back.
@@ -317,12 +317,12 @@ def provenance_attributes(role: str, record: Optional[Mapping[str, Any]] = None,
 
 def record_from_attributes(attributes: Mapping[str, Optional[str]]) -> Optional[Dict[str, Any]]:
     """The fusion record stored on a fused volume, or None when the node has none (the one codec:
-    :func:`FusionINNLib.record.record_from_attributes`, checked like a file's record)."""
+    :func:`FusionINNLib.io.record.record_from_attributes`, checked like a file's record)."""
     return _record.record_from_attributes(attributes)
 
 
 # -- the fusion record in files (Slicer <-> fusioninn) ------------------------------------------
-# One codec for every carrier: FusionINNLib.record (torch- and SimpleITK-free). A fused file carries
+# One codec for every carrier: FusionINNLib.io.record (torch- and SimpleITK-free). A fused file carries
 # its record in its header (NRRD/MHA key) and in the sidecar "<name>.fusioninn.json". Slicer reads
 # NRRD keys into an ITK dictionary that Python cannot see and its writer drops them, so the module
 # reads the header or sidecar itself when a fused file is loaded, and writes the sidecar when a
@@ -335,17 +335,18 @@ HEADER_LIMIT = _record.HEADER_LIMIT
 
 
 def record_sidecar_path(image_path: Any) -> str:
-    """``/d/fused.nii.gz`` → ``/d/fused.fusioninn.json`` (:func:`FusionINNLib.record.sidecar_path`)."""
+    """``/d/fused.nii.gz`` → ``/d/fused.fusioninn.json`` (:func:`FusionINNLib.io.record.sidecar_path`)."""
     return str(_record.sidecar_path(image_path))
 
 
 def _header_value(path: str, key: str) -> Optional[str]:
-    """The value of ``key`` in a NRRD or MetaImage header (:func:`FusionINNLib.record.header_value`)."""
+    """The value of ``key`` in a NRRD or MetaImage header (:func:`FusionINNLib.io.record.header_value`)."""
     return _record.header_value(path, key)
 
 
 def check_record(record: Any, where: str) -> Dict[str, Any]:
-    """A fusion record as read from anywhere, checked by the one codec (:class:`FusionINNLib.record.FusionRecord`)."""
+    """A fusion record as read from anywhere, checked by the one codec
+    (:class:`FusionINNLib.io.record.FusionRecord`)."""
     return _record.FusionRecord.from_dict(record, where)
 
 

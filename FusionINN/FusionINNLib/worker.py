@@ -148,7 +148,7 @@ class Worker:
             self._run_one(message)
 
     def _run_one(self, message: Dict[str, Any]) -> None:
-        from .engine import Cancelled
+        from .core.engine import Cancelled
         from .jobs.codec import decode, encode
 
         job_id = message.get("id")
@@ -181,9 +181,9 @@ class Worker:
 
 
 def gui_message(error: BaseException) -> str:
-    """One line for the Slicer module's user: typed errors (:mod:`FusionINNLib.errors`) are worded for
+    """One line for the Slicer module's user: typed errors (:mod:`FusionINNLib.core.errors`) are worded for
     the GUI (controls, never command-line flags), others are their text."""
-    from .errors import FusionINNError
+    from .core.errors import FusionINNError
 
     text = error.message("gui") if isinstance(error, FusionINNError) else str(error)
     return " ".join(str(text).split()) or type(error).__name__
@@ -206,7 +206,7 @@ def op_ping(params: Dict[str, Any], context: JobContext) -> Dict[str, Any]:
 
 def op_sleep(params: Dict[str, Any], context: JobContext) -> Dict[str, Any]:
     """A job that only waits (for tests of progress and cancel): ``seconds``, cancel checked every 10 ms."""
-    from .engine import Cancelled
+    from .core.engine import Cancelled
 
     seconds = float(params.get("seconds", 1.0))
     start = time.monotonic()
@@ -238,7 +238,7 @@ def op_print(params: Dict[str, Any], context: JobContext) -> Dict[str, Any]:
 
 
 def op_devices(params: Dict[str, Any], context: JobContext) -> Dict[str, Any]:
-    from .engine import describe_devices
+    from .core.engine import describe_devices
 
     return {"devices": describe_devices()}
 
@@ -258,7 +258,7 @@ def op_job(params: Dict[str, Any], context: JobContext) -> Any:
 def op_jacobian(params: Dict[str, Any], context: JobContext) -> Dict[str, Any]:
     """The Jacobian images of one fused voxel. The inputs are normalized once per ``session`` (the
     moving crosshair sends only the point), so an update costs one small vector-Jacobian product."""
-    from .explain import VolumeExplainer
+    from .jobs.explain import VolumeExplainer
 
     model = context.model(params.get("model"))
     options = params.get("options") or {}
@@ -280,7 +280,7 @@ def op_has_session(params: Dict[str, Any], context: JobContext) -> Dict[str, Any
 
 
 def op_difference(params: Dict[str, Any], context: JobContext) -> Dict[str, Any]:
-    from .batch import difference_volume
+    from .jobs.batch import difference_volume
 
     return {"differences": [difference_volume(decomposed, source) for decomposed, source in params["pairs"]]}
 
@@ -313,13 +313,13 @@ def _protocol_streams():
 
 def main(argv: Optional[list] = None) -> int:
     replies, requests = _protocol_streams()
-    from .engine import tune_cpu_allocator
-    from .process import allow_process_tuning
+    from .core.engine import tune_cpu_allocator
+    from .core.process import allow_process_tuning
 
     allow_process_tuning()  # the worker owns its process; Slicer's process never does this
     tune_cpu_allocator()
     # Import the heavy parts once, before the first job (torch takes seconds).
-    from . import explain, pipeline  # noqa: F401
+    from .jobs import explain, pipeline  # noqa: F401
 
     return Worker(replies, requests).run_forever()
 

@@ -39,7 +39,7 @@ from .slicer_support import JobStatus
 CANCEL_TIMEOUT = 0.6  # s between the cancel request and killing the worker
 STARTUP_TIMEOUT = 300.0  # s until the worker must have said "ready" (the first torch import is slow)
 LOG_TAIL_LINES = 12
-# What atomic writes (FusionINNLib.atomic.temporary_sibling) leave behind if killed mid-write.
+# What atomic writes (FusionINNLib.io.atomic.temporary_sibling) leave behind if killed mid-write.
 TEMPORARY_SIBLING = re.compile(r"^\..+\.tmp[^/\\]*$")
 
 

@@ -3,7 +3,7 @@
 Each operation X is three steps, so that the GUI never freezes and never sees half-made nodes:
 
 ``prepareX(p)`` (main thread)
-    reads the nodes into detached :class:`~FusionINNLib.volume.Volume` copies and checks options;
+    reads the nodes into detached :class:`~FusionINNLib.io.volume.Volume` copies and checks options;
 ``xParams(request)``
     what the worker gets (:mod:`FusionINNLib.worker`); :meth:`FusionINNCoreLogic.submit` writes
     its voxels as ``.npy`` files into the job's temporary folder and sends it;
@@ -138,7 +138,7 @@ class FusionINNCoreLogic:
 
     def volumeFromNode(self, node):
         """A detached :class:`Volume` (numpy copy + ITK LPS geometry) of a scalar volume node."""
-        from FusionINNLib.volume import Volume
+        from FusionINNLib.io.volume import Volume
 
         if node is None:
             raise ValueError(_("No volume selected."))

@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "FusionINN"))
 
-from FusionINNLib.engine import SliceEngine  # noqa: E402
-from FusionINNLib.model import FusionFlow  # noqa: E402
-from FusionINNLib.process import allow_process_tuning  # noqa: E402
+from FusionINNLib.core.engine import SliceEngine  # noqa: E402
+from FusionINNLib.core.model import FusionFlow  # noqa: E402
+from FusionINNLib.core.process import allow_process_tuning  # noqa: E402
 
 allow_process_tuning()  # as the command line does (the library tunes no process by itself)
 

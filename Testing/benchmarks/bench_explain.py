@@ -1,4 +1,4 @@
-"""Benchmark of FusionINNLib.explain on one 240 x 240 slice; everything is measured in the same run.
+"""Benchmark of FusionINNLib.jobs.explain on one 240 x 240 slice; everything is measured in the same run.
 
     PYTHONPATH=FusionINN /work/venv/bin/python Testing/benchmarks/bench_explain.py [--model M.pt]
 
@@ -32,11 +32,11 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "FusionINN"))
 
-from FusionINNLib import explain  # noqa: E402
-from FusionINNLib.checkpoint import bundled_model_path, resolve_model  # noqa: E402
-from FusionINNLib.model import FusionFlow, FusionINNConfig  # noqa: E402
-from FusionINNLib.normalization import normalize_volume  # noqa: E402
-from FusionINNLib.process import allow_process_tuning  # noqa: E402
+from FusionINNLib.core.model import FusionFlow, FusionINNConfig  # noqa: E402
+from FusionINNLib.core.normalization import normalize_volume  # noqa: E402
+from FusionINNLib.core.process import allow_process_tuning  # noqa: E402
+from FusionINNLib.io.checkpoint import bundled_model_path, resolve_model  # noqa: E402
+from FusionINNLib.jobs import explain  # noqa: E402
 
 allow_process_tuning()  # as the command line does (the library tunes no process by itself)
 

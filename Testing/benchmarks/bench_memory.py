@@ -66,8 +66,8 @@ def _child(stage: str, folder: Path, shape: Tuple[int, int, int], dtype: str) ->
     if stage == "make":
         import SimpleITK as sitk
 
-        from FusionINNLib.checkpoint import save_checkpoint
-        from FusionINNLib.model import FusionFlow
+        from FusionINNLib.core.model import FusionFlow
+        from FusionINNLib.io.checkpoint import save_checkpoint
 
         save_checkpoint(folder / "model.pt", FusionFlow(seed=0))
         rng = np.random.default_rng(0)
@@ -90,9 +90,9 @@ def _child(stage: str, folder: Path, shape: Tuple[int, int, int], dtype: str) ->
     # Every measured stage pays the same floor as the command line: torch and the pipeline loaded.
     import torch  # noqa: F401
 
-    from FusionINNLib import pipeline  # noqa: F401
-    from FusionINNLib.normalization import normalize_volume
-    from FusionINNLib.volume import read_volume
+    from FusionINNLib.core.normalization import normalize_volume
+    from FusionINNLib.io.volume import read_volume
+    from FusionINNLib.jobs import pipeline  # noqa: F401
 
     if stage == "import":
         return

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "FusionINN"))
 
 from FusionINNLib import slicer_support as support  # noqa: E402
-from FusionINNLib.volume import Volume, read_volume  # noqa: E402
+from FusionINNLib.io.volume import Volume, read_volume  # noqa: E402
 from FusionINNLib.worker_client import WorkerClient  # noqa: E402
 
 CASE = REPO.parent / "shared" / "data" / "brats" / "BraTS-GLI-00001-000"
@@ -45,7 +45,7 @@ def load_inputs():
     if CASE.is_dir():
         return (read_volume(CASE / "BraTS-GLI-00001-000-t1c.nii.gz"),
                 read_volume(CASE / "BraTS-GLI-00001-000-t2f.nii.gz"), "BraTS-GLI-00001-000")
-    from FusionINNLib.phantom import make_phantom_case
+    from FusionINNLib.io.phantom import make_phantom_case
 
     case = make_phantom_case((155, 240, 240), seed=0)
     return Volume(case["t1ce"]), Volume(case["flair"]), "phantom 155x240x240"
@@ -110,8 +110,8 @@ def live_jacobian(volume1, volume2, updates):
 
 
 def bare_jacobian(volume1, volume2, updates):
-    from FusionINNLib.checkpoint import resolve_model
-    from FusionINNLib.explain import VolumeExplainer
+    from FusionINNLib.io.checkpoint import resolve_model
+    from FusionINNLib.jobs.explain import VolumeExplainer
 
     explainer = VolumeExplainer(volume1, volume2, resolve_model(), device="cpu")
     k = volume1.shape[0] // 2
@@ -135,8 +135,8 @@ def hold_gil(job_finished, poll, interval=0.1):
 
 
 def gil_comparison(volume1, volume2):
-    from FusionINNLib.checkpoint import resolve_model
-    from FusionINNLib.pipeline import fuse_volumes
+    from FusionINNLib.io.checkpoint import resolve_model
+    from FusionINNLib.jobs.pipeline import fuse_volumes
 
     sub1 = volume1.with_array(np.ascontiguousarray(volume1.array[60:92]))
     sub2 = volume2.with_array(np.ascontiguousarray(volume2.array[60:92]))

@@ -2,9 +2,9 @@
 
 The ``fusioninn`` command line, ``fusioninn batch``/``demo``, the FusionINNTraining CLI and the
 Slicer module's worker process build a *request*, call :func:`run` and render the *result*; none of
-them holds pipeline logic of its own. The work below is :mod:`FusionINNLib.pipeline`,
-:mod:`FusionINNLib.scoring`, :mod:`FusionINNLib.explain`, :mod:`FusionINNLib.batch` and
-:mod:`FusionINNLib.training`.
+them holds pipeline logic of its own. The work below is :mod:`FusionINNLib.jobs.pipeline`,
+:mod:`FusionINNLib.metrics.scoring`, :mod:`FusionINNLib.jobs.explain`, :mod:`FusionINNLib.jobs.batch` and
+:mod:`FusionINNLib.train.training`.
 
 =====================  ======================  ============================================
 request                result                  what
@@ -23,7 +23,7 @@ Contract (for the Slicer worker, issue 11, and any other client)
     * ``progress(fraction)``: fraction of this job done, in [0, 1], non-decreasing; called from the
       thread that runs the job;
     * ``cancel() -> bool``: polled between batches of slices / cases / training steps; when it
-      returns True the job raises :class:`FusionINNLib.engine.Cancelled` and writes nothing
+      returns True the job raises :class:`FusionINNLib.core.engine.Cancelled` and writes nothing
       (a batch marks the remaining cases ``cancelled`` and still writes its summary; training keeps
       its last finished epoch in ``last.pt``);
     * ``log(message)``: notes for people (resampling, NaN replacement, model warnings); the same
@@ -33,7 +33,7 @@ Contract (for the Slicer worker, issue 11, and any other client)
     Every job also has its own ``run_<kind>`` function with the same signature.
 
 Requests and results are dataclasses of plain values
-    * image inputs are **file paths or** :class:`~FusionINNLib.volume.Volume` objects (a Volume is
+    * image inputs are **file paths or** :class:`~FusionINNLib.io.volume.Volume` objects (a Volume is
       voxels + ITK geometry: what the Slicer module builds from an MRML node); ``model`` is a
       checkpoint path, None = the bundled model; outputs are written only when their paths are given,
       atomically, all or nothing;
@@ -42,11 +42,11 @@ Requests and results are dataclasses of plain values
       without a store refuses a message holding voxels (``TypeError``); :func:`message_from_dict`
       ``(data, store)`` rebuilds the request or result. So a worker receives ``json.loads(line)``,
       runs it and answers with ``result.to_dict(store)``;
-    * errors are exceptions; the typed ones (:mod:`FusionINNLib.errors`) carry fields, have a
+    * errors are exceptions; the typed ones (:mod:`FusionINNLib.core.errors`) carry fields, have a
       ``to_dict()`` for the pipe and are worded per front end (``error.message("gui")`` names no
-      command-line flag). :func:`error_to_dict` / :func:`FusionINNLib.errors.error_from_dict` carry
+      command-line flag). :func:`error_to_dict` / :func:`FusionINNLib.core.errors.error_from_dict` carry
       any exception over a pipe.
-    * the fusion record in results is the JSON form of :class:`FusionINNLib.record.FusionRecord`
+    * the fusion record in results is the JSON form of :class:`FusionINNLib.io.record.FusionRecord`
       (same keys as the files' ``FusionINN_record`` header and sidecar and the node attribute
       ``FusionINN.Record``).
 
@@ -111,9 +111,9 @@ def message_from_dict(data: Dict[str, Any], store: Optional[ArrayStore] = None) 
 
 def error_to_dict(error: BaseException) -> Dict[str, Any]:
     """Any exception as plain data for a pipe: typed errors keep their fields (rebuild them with
-    :func:`FusionINNLib.errors.error_from_dict`), others keep their class name and text;
-    ``cancelled`` is true for :class:`~FusionINNLib.engine.Cancelled`."""
-    from ..errors import FusionINNError
+    :func:`FusionINNLib.core.errors.error_from_dict`), others keep their class name and text;
+    ``cancelled`` is true for :class:`~FusionINNLib.core.engine.Cancelled`."""
+    from ..core.errors import FusionINNError
 
     data: Dict[str, Any] = error.to_dict() if isinstance(error, FusionINNError) else {"kind": "exception"}
     data.update(type=type(error).__name__, text=" ".join(str(error).split()) or type(error).__name__,

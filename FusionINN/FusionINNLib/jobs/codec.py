@@ -1,7 +1,7 @@
 """Plain-data encoding of job requests and results (JSON values + ``.npy`` files for voxels).
 
 A request or result is a dataclass whose fields are JSON values, paths, tuples, nested job
-dataclasses, :class:`~FusionINNLib.volume.Volume` objects or numpy arrays. ``to_dict`` turns it into
+dataclasses, :class:`~FusionINNLib.io.volume.Volume` objects or numpy arrays. ``to_dict`` turns it into
 JSON-serialisable data: voxels are never put inside the JSON; an :class:`ArrayStore` (a folder)
 writes each array to its own ``.npy`` file and the JSON holds ``{"__array__": "<file>"}`` or
 ``{"__volume__": {"array": ..., "spacing": ..., ...}}``. ``from_dict`` reads them back (memory-mapped
@@ -19,8 +19,8 @@ from typing import Any, Dict, Optional, Type, TypeVar
 
 import numpy as np
 
-from ..atomic import temporary_sibling
-from ..volume import Volume
+from ..io.atomic import temporary_sibling
+from ..io.volume import Volume
 
 ARRAY_TAG = "__array__"
 VOLUME_TAG = "__volume__"

@@ -13,7 +13,7 @@ from .models import DEFAULT_MODELS, ModelCache
 # -- batch ------------------------------------------------------------------------------------
 @dataclass
 class BatchRequest(Message):
-    """Fuse every case under ``directory`` into ``output_dir`` (see :mod:`FusionINNLib.batch`)."""
+    """Fuse every case under ``directory`` into ``output_dir`` (see :mod:`FusionINNLib.jobs.batch`)."""
 
     KIND = "batch"
     directory: str = ""
@@ -50,7 +50,7 @@ class BatchReport(Message):
 
 def run_batch(request: BatchRequest, progress: Optional[Progress] = None, cancel: Optional[Cancel] = None,
               log: Optional[Log] = None, models: Optional[ModelCache] = None) -> BatchReport:
-    from .. import batch
+    from . import batch
 
     models = models or DEFAULT_MODELS
     result = batch.run_batch(request.directory, request.output_dir, modalities=tuple(request.modalities),
@@ -73,8 +73,8 @@ def run_batch(request: BatchRequest, progress: Optional[Progress] = None, cancel
 # -- train ------------------------------------------------------------------------------------
 @dataclass
 class TrainRequest(Message):
-    """Train as ``config`` says (the fields of :class:`FusionINNLib.training.TrainingConfig`, by name;
-    see :mod:`FusionINNLib.train_options` for every option) and optionally fuse one validation case
+    """Train as ``config`` says (the fields of :class:`FusionINNLib.train.training.TrainingConfig`, by name;
+    see :mod:`FusionINNLib.train.options` for every option) and optionally fuse one validation case
     with the new model into ``preview_output`` (with its fusion record)."""
 
     KIND = "train"
@@ -107,7 +107,7 @@ def run_train(request: TrainRequest, progress: Optional[Progress] = None, cancel
               status: Optional[Callable[[float, str], None]] = None) -> TrainReport:
     """``status(fraction, message)``, when given, receives the step descriptions along with the
     progress (the Slicer CLI shows them as ``<filter-comment>``); ``progress(fraction)`` otherwise."""
-    from ..training import TrainingConfig, train
+    from ..train.training import TrainingConfig, train
 
     config = TrainingConfig.from_dict(dict(request.config))
     share = 1.0 - PREVIEW_SHARE if request.preview_output else 1.0
@@ -138,8 +138,8 @@ def write_preview(model_path: Any, data_dir: str, output: str, device: str, log:
                   models: Optional[ModelCache] = None) -> str:
     """Fuse the first validation case (else the first training case) of a trained model into
     ``output`` through the fuse job, so the preview carries the same record as any fusion."""
-    from ..brats import LOGGER as discovery_logger
-    from ..brats import discover_cases
+    from ..io.brats import LOGGER as discovery_logger
+    from ..io.brats import discover_cases
     from .imaging import FuseRequest, run_fuse
 
     loaded = (models or DEFAULT_MODELS).get(str(model_path))

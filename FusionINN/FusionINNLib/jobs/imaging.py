@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from ..volume import OutputSet, Volume, read_volume
+from ..io.volume import OutputSet, Volume, read_volume
 from .codec import Message
 from .models import DEFAULT_MODELS, ModelCache
 
@@ -37,7 +37,7 @@ def _name(value: ImageInput, fallback: str) -> str:
 
 def _check_cancel(cancel: Optional[Cancel]) -> None:
     if cancel is not None and cancel():
-        from ..engine import Cancelled
+        from ..core.engine import Cancelled
 
         raise Cancelled("cancelled by the user")
 
@@ -71,7 +71,7 @@ class FuseRequest(Message):
 @dataclass
 class FuseResult(Message):
     """The fused volume (input 1's grid, y in [0, 1]), the kept latent (2, *padded) or None, the
-    fusion record (JSON form of :class:`FusionINNLib.record.FusionRecord`), notes and written files."""
+    fusion record (JSON form of :class:`FusionINNLib.io.record.FusionRecord`), notes and written files."""
 
     KIND = "fuse_result"
     fused: Optional[Volume] = None
@@ -83,7 +83,7 @@ class FuseResult(Message):
 
 def run_fuse(request: FuseRequest, progress: Optional[Progress] = None, cancel: Optional[Cancel] = None,
              log: Optional[Log] = None, models: Optional[ModelCache] = None) -> FuseResult:
-    from ..pipeline import check_latent_format, check_outputs, fuse_files, fuse_volumes, record_sidecar, write_fused
+    from .pipeline import check_latent_format, check_outputs, fuse_files, fuse_volumes, record_sidecar, write_fused
 
     log = log or _silent
     models = models or DEFAULT_MODELS
@@ -162,8 +162,9 @@ class DecomposeResult(Message):
 
 def run_decompose(request: DecomposeRequest, progress: Optional[Progress] = None, cancel: Optional[Cancel] = None,
                   log: Optional[Log] = None, models: Optional[ModelCache] = None) -> DecomposeResult:
-    from ..errors import OptionError
-    from ..pipeline import (
+    from ..core.errors import OptionError
+    from ..io.record import as_record
+    from .pipeline import (
         check_latent_fits,
         check_output_slices,
         check_outputs,
@@ -173,7 +174,6 @@ def run_decompose(request: DecomposeRequest, progress: Optional[Progress] = None
         read_latent,
         read_record,
     )
-    from ..record import as_record
 
     log = log or _silent
     models = models or DEFAULT_MODELS
@@ -237,7 +237,7 @@ def run_decompose(request: DecomposeRequest, progress: Optional[Progress] = None
 
 
 def _recorded_model(record: Optional[Dict[str, Any]], fused: ImageInput, log: Log):
-    from .. import checkpoint
+    from ..io import checkpoint
 
     find = getattr(checkpoint, "recorded_model", None)
     if find is None:
@@ -248,7 +248,7 @@ def _recorded_model(record: Optional[Dict[str, Any]], fused: ImageInput, log: Lo
 # -- score ------------------------------------------------------------------------------------
 @dataclass
 class ScoreRequest(Message):
-    """Score ``fused`` against ``input1``/``input2`` (paths or Volumes) with :mod:`FusionINNLib.scoring`.
+    """Score ``fused`` against ``input1``/``input2`` (paths or Volumes) with :mod:`FusionINNLib.metrics.scoring`.
 
     ``baselines``: classical fusions to score alongside ("mean", "max", "weighted"), made with
     ``normalization`` (default: the fused image's record, else "volume"); ``keep_baselines`` returns
@@ -293,7 +293,7 @@ class ScoreReport(Message):
 
 def run_score(request: ScoreRequest, progress: Optional[Progress] = None, cancel: Optional[Cancel] = None,
               log: Optional[Log] = None, models: Optional[ModelCache] = None) -> ScoreReport:
-    from ..scoring import align_input2, score_decomposition, score_fusion
+    from ..metrics.scoring import align_input2, score_decomposition, score_fusion
 
     names = (_name(request.input1, "input 1"), _name(request.input2, "input 2"),
              _name(request.fused, "the fused volume"))
@@ -301,7 +301,7 @@ def run_score(request: ScoreRequest, progress: Optional[Progress] = None, cancel
     mask = None if request.mask is None else _volume(request.mask)
     record = request.record
     if record is None and _is_path(request.fused):
-        from ..pipeline import read_record
+        from .pipeline import read_record
 
         try:
             record = read_record(request.fused, fused)
@@ -323,7 +323,7 @@ def run_score(request: ScoreRequest, progress: Optional[Progress] = None, cancel
     report = ScoreReport(fusion=scored, notes=list(scored["notes"]), axis=axis)
     step()
     if request.baselines:
-        from ..scoring import baseline_fusions
+        from ..metrics.scoring import baseline_fusions
 
         normalization = request.normalization or ((record or {}).get("normalization") or [{}])[0].get("mode") \
             or "volume"
@@ -395,8 +395,8 @@ class ExplainResult(Message):
 
 def run_explain(request: ExplainRequest, progress: Optional[Progress] = None, cancel: Optional[Cancel] = None,
                 log: Optional[Log] = None, models: Optional[ModelCache] = None) -> ExplainResult:
-    from ..errors import OptionError
-    from ..explain import VolumeExplainer, explain_files, parse_slices
+    from ..core.errors import OptionError
+    from .explain import VolumeExplainer, explain_files, parse_slices
 
     log = log or _silent
     models = models or DEFAULT_MODELS

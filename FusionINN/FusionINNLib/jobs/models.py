@@ -6,14 +6,14 @@ import threading
 from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..checkpoint import LoadedModel
+    from ..io.checkpoint import LoadedModel
 
 # ..checkpoint (and so torch) is imported on first use, not with the package: the Slicer module's
 # process imports FusionINNLib.jobs.codec to talk to its worker and must never load torch.
 
 
 class ModelCache:
-    """``get(model)`` → :class:`~FusionINNLib.checkpoint.LoadedModel` for a path (None = the bundled model).
+    """``get(model)`` → :class:`~FusionINNLib.io.checkpoint.LoadedModel` for a path (None = the bundled model).
 
     Keeps the last ``capacity`` models keyed by (path, modification time), so a long-lived worker
     loads a model once and notices when its file is replaced. Thread-safe.
@@ -25,7 +25,7 @@ class ModelCache:
         self._lock = threading.Lock()
 
     def get(self, model: Any = None) -> LoadedModel:
-        from ..checkpoint import LoadedModel, bundled_model_path, resolve_model
+        from ..io.checkpoint import LoadedModel, bundled_model_path, resolve_model
 
         if isinstance(model, LoadedModel):
             return model

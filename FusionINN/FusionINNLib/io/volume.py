@@ -33,6 +33,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
+from ..core.errors import UsageError, VolumeError  # noqa: F401 - defined once in core.errors, re-exported
 from .atomic import renamed_error, temporary_sibling
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -45,14 +46,6 @@ DETACHED_HEADER_SUFFIXES = (".nhdr", ".mhd", ".hdr", ".img")
 NATIVE_ERROR_MARKERS = ("premature end", "corrupt", "can not read", "cannot read", "failed to read",
                         "not read completely", "truncat", "unexpected end", "error")
 LUMINANCE_WEIGHTS = (0.299, 0.587, 0.114)
-
-
-class VolumeError(ValueError):
-    """An image that cannot be used; the message names the file and the problem."""
-
-
-class UsageError(ValueError):
-    """Options that do not go together (the command line exits with 2, as for argparse's errors)."""
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Slice-wise fusion and decomposition of normalized volumes with a :class:`FusionFlow`.
 
-Works on float32 numpy arrays already normalized to about [0, 1]; :mod:`FusionINNLib.pipeline`
+Works on float32 numpy arrays already normalized to about [0, 1]; :mod:`FusionINNLib.jobs.pipeline`
 adds files, geometry and intensity units. Slices are taken along ``axis``, padded at the high end
 (edge values) to what the 2x2 squeezes need, batched, and cropped back.
 
@@ -77,7 +77,7 @@ def tune_cpu_allocator() -> bool:
     Tensors above glibc's mmap threshold are mapped and unmapped on every op; each page fault is
     expensive in a VM. Serving them from the heap and not trimming it makes glibc reuse memory.
     Harmless elsewhere; returns False where glibc's ``mallopt`` is unavailable (macOS, Windows)
-    and when the process did not call :func:`FusionINNLib.process.allow_process_tuning` (then
+    and when the process did not call :func:`FusionINNLib.core.process.allow_process_tuning` (then
     nothing is changed: the library may be running inside 3D Slicer's process).
     """
     global _ALLOCATOR_TUNED

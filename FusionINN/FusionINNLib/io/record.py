@@ -30,7 +30,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .normalization import NormalizationParams
+from ..core.normalization import NormalizationParams
 
 RECORD_FORMAT = "fusioninn-record"
 RECORD_KEY = "FusionINN_record"

@@ -1,6 +1,6 @@
 """Training FusionINN on BraTS-style cases: data, loop, checkpoints, DDP, history and metrics tables.
 
-Objective (paper §2; formulas in :mod:`FusionINNLib.losses`)::
+Objective (paper §2; formulas in :mod:`FusionINNLib.core.losses`)::
 
     L = α (L_fusion + β L_latent) + (1 − α) L_dec,   L_fusion / L_dec = λ L_SSIM + (1 − λ) L_ℓ2
 
@@ -59,10 +59,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import atomic_file, atomic_write_text
-from .checkpoint import FORMAT_VERSION, CheckpointError, read_payload, save_checkpoint
-from .engine import Cancelled, SliceEngine, logit, select_device, tune_cpu_allocator
-from .losses import (
+from ..core.engine import Cancelled, SliceEngine, logit, select_device, tune_cpu_allocator
+from ..core.losses import (
     DEFAULT_LATENT_LOSS,
     LATENT_LOSSES,
     PRIORS,
@@ -73,8 +71,10 @@ from .losses import (
     latent_loss,
     sample_prior,
 )
-from .model import FusionFlow, FusionINNConfig
-from .normalization import MODES
+from ..core.model import FusionFlow, FusionINNConfig
+from ..core.normalization import MODES
+from ..io.atomic import atomic_file, atomic_write_text
+from ..io.checkpoint import FORMAT_VERSION, CheckpointError, read_payload, save_checkpoint
 
 LOGGER = logging.getLogger(__name__)
 
@@ -598,9 +598,9 @@ def psnr(estimate: np.ndarray, reference: np.ndarray, data_range: float = 1.0) -
 
 def mean_slice_ssim(a: np.ndarray, b: np.ndarray) -> float:
     """Mean over slices of the 2-D SSIM on the explicit scale of normalized units (data range 1):
-    the one scorer (:func:`FusionINNLib.scoring.pair_ssim`; pytorch-msssim's conventions, the same
+    the one scorer (:func:`FusionINNLib.metrics.scoring.pair_ssim`; pytorch-msssim's conventions, the same
     numbers to ~1e-8 as the pytorch-msssim call this replaced, and faster on a CPU)."""
-    from .scoring import pair_ssim
+    from ..metrics.scoring import pair_ssim
 
     return pair_ssim(np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32), data_range=1.0)
 
@@ -629,8 +629,8 @@ def evaluate_case(flow: FusionFlow, slices1: np.ndarray, slices2: np.ndarray, *,
     }
     # The one scorer on the explicit scale of normalized units (degenerate slices give NaN or
     # defined values; its notes, not warnings, say so: the table shows the values).
-    from .scoring import score_fusion
-    from .volume import Volume
+    from ..io.volume import Volume
+    from ..metrics.scoring import score_fusion
 
     suite = score_fusion(Volume(c1), Volume(c2), Volume(np.asarray(fused, dtype=np.float32)), data_range=1.0,
                          axis=0)["summary"]
@@ -698,7 +698,7 @@ def load_training_data(c: TrainingConfig, paths: RunPaths, dist: DistributedCont
                        resume_state: Optional[Dict[str, Any]], log: LogFn) -> TrainingData:
     """Discover and split the cases (or take a resumed run's split), write split.json, and load
     every case's slices through the cache (rank 0 fills it first, the other ranks then read it)."""
-    from .brats import Case, discover_cases, load_case_slices, split_subjects, write_split
+    from ..io.brats import Case, discover_cases, load_case_slices, split_subjects, write_split
 
     discovery = None
     if resume_state is not None:
@@ -796,7 +796,7 @@ class _Trainer:
     The other concerns of a run are units of their own above: where it writes (:class:`RunPaths`),
     the data it trains on (:func:`load_training_data` → :class:`TrainingData`), how the trained model
     is evaluated (:func:`evaluation_table`, :func:`evaluate_case`); resuming reads ``last.pt`` through
-    the checkpoint loader (:func:`FusionINNLib.checkpoint.read_payload`).
+    the checkpoint loader (:func:`FusionINNLib.io.checkpoint.read_payload`).
     """
 
     def __init__(self, config: TrainingConfig, progress: Optional[ProgressFn], log: Optional[LogFn],
@@ -937,7 +937,7 @@ class _Trainer:
             self.step_module = DistributedDataParallel(self.step_module, device_ids=device_ids)
 
     def load_initial_weights(self, model_config: FusionINNConfig) -> None:
-        from .checkpoint import load_checkpoint
+        from ..io.checkpoint import load_checkpoint
 
         loaded = load_checkpoint(self.config.init_model)
         # padding and the background rule have no weights, so a fine-tuning run may change them
@@ -1233,7 +1233,7 @@ class _Trainer:
                 break
         self.dist.barrier()
         if self.best_state is None:
-            from .errors import TrainingDivergedError
+            from ..core.errors import TrainingDivergedError
 
             raise TrainingDivergedError(detail="training produced no finite loss in any epoch; no model written "
                                                "(check the data)")
@@ -1314,7 +1314,7 @@ def train(config: TrainingConfig, progress: Optional[ProgressFn] = None, log: Op
 
     ``progress(fraction, message)`` is called after every step and epoch, ``log(message)`` for
     each log line (epoch summaries with ETA, warnings), ``cancel()`` is polled every step and
-    raises :class:`~FusionINNLib.engine.Cancelled` (the last finished epoch stays in last.pt).
+    raises :class:`~FusionINNLib.core.engine.Cancelled` (the last finished epoch stays in last.pt).
     Invalid settings, unusable data and unwritable outputs raise ``ValueError`` /
     ``FileNotFoundError`` before any training step.
     """

@@ -1,7 +1,7 @@
 """Case-level work shared by ``fusioninn batch`` and the Slicer module: fuse every case of a folder.
 
 Finding the pairs
-    * by modality (default ``t1ce`` + ``flair``): :func:`FusionINNLib.brats.discover_cases`, which
+    * by modality (default ``t1ce`` + ``flair``): :func:`FusionINNLib.io.brats.discover_cases`, which
       understands the BraTS namings and reports every case folder it skips (e.g. a missing
       modality) with the reason;
     * by two file-name patterns (``pattern1``/``pattern2``, shell globs matched against file names
@@ -10,8 +10,8 @@ Finding the pairs
       ``*_T1c.nii.gz`` + ``*_FLAIR.nii.gz`` pairs ``p01_T1c`` with ``p01_FLAIR`` even when all
       cases share one folder. A file without a partner is reported, never dropped silently.
 One case
-    read both images → :func:`FusionINNLib.pipeline.fuse_volumes` (input 2 resampled onto input 1
-    when their grids differ) → :func:`FusionINNLib.pipeline.write_fused` (fused image + JSON record
+    read both images → :func:`FusionINNLib.jobs.pipeline.fuse_volumes` (input 2 resampled onto input 1
+    when their grids differ) → :func:`FusionINNLib.jobs.pipeline.write_fused` (fused image + JSON record
     sidecar + optional latent, all or nothing) → optionally the metric suite
     (:func:`FusionINNLib.metrics.fusion_metrics`) on (input 1, input 2 on input 1's grid, fused).
 The summary
@@ -19,7 +19,7 @@ The summary
     ``failed``, ``skipped`` or ``cancelled``), ``message``, input/output paths and one column per
     metric. A failing case is recorded and the batch goes on.
 
-:func:`score_volumes` (= :func:`FusionINNLib.scoring.score_fusion`, the one scorer) and
+:func:`score_volumes` (= :func:`FusionINNLib.metrics.scoring.score_fusion`, the one scorer) and
 :func:`baseline_fusions` are the triple-level helpers the score job (:mod:`FusionINNLib.jobs`) uses
 as well, so the GUI and the command line score a fusion identically.
 """
@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from .atomic import atomic_write_text
-from .choices import BASELINE_METHODS  # noqa: F401 - defined once, re-exported
-from .errors import OptionError
-from .scoring import align_to_reference, baseline_fusions, difference_volume  # noqa: F401 - their home is scoring
-from .volume import Volume
+from ..core.choices import BASELINE_METHODS  # noqa: F401 - defined once, re-exported
+from ..core.errors import OptionError
+from ..io.atomic import atomic_write_text
+from ..io.volume import Volume
+from ..metrics.scoring import align_to_reference, baseline_fusions, difference_volume  # noqa: F401 - their home is scoring
 
 PathLike = Union[str, "os.PathLike[str]"]
 Log = Callable[[str], None]
@@ -186,8 +186,8 @@ def find_batch_cases(root: PathLike, modalities: Sequence[str] = ("t1ce", "flair
         return cases, skipped
     if len(modalities) != 2:
         raise ValueError(f"batch fusion needs exactly two modalities, got {list(modalities)}")
-    from .brats import LOGGER as discovery_logger
-    from .brats import discover_cases
+    from ..io.brats import LOGGER as discovery_logger
+    from ..io.brats import discover_cases
 
     # The batch reports skipped folders itself (summary rows and its log, which --quiet silences);
     # discovery's own warning would print them a second time, past --quiet.
@@ -205,9 +205,9 @@ def find_batch_cases(root: PathLike, modalities: Sequence[str] = ("t1ce", "flair
 # -- one triple -------------------------------------------------------------------------------
 def score_volumes(volume1: Volume, volume2: Volume, fused: Volume, *, mask: Optional[Volume] = None,
                   paper_compatible: bool = False, data_range: Optional[float] = None, axis: int = 0) -> dict:
-    """The metric suite of one triple: :func:`FusionINNLib.scoring.score_fusion`, the one scorer
+    """The metric suite of one triple: :func:`FusionINNLib.metrics.scoring.score_fusion`, the one scorer
     (input 2 and the mask onto input 1's grid, the fused image on it; see that module's policy)."""
-    from .scoring import score_fusion
+    from ..metrics.scoring import score_fusion
 
     return score_fusion(volume1, volume2, fused, mask=mask, paper_compatible=paper_compatible,
                         data_range=data_range, axis=axis)
@@ -299,10 +299,10 @@ def run_batch(root: PathLike, output_dir: PathLike, *, modalities: Sequence[str]
     group the caller has set up), every rank returns the whole result and rank 0 alone writes the
     one summary, in discovery order, identical to a single-process run's.
     """
-    from .checkpoint import LoadedModel, resolve_model
-    from .engine import Cancelled
+    from ..core.engine import Cancelled
+    from ..io.checkpoint import LoadedModel, resolve_model
+    from ..io.volume import read_volume
     from .pipeline import fuse_volumes, write_fused
-    from .volume import read_volume
 
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")

@@ -23,8 +23,8 @@ from typing import Any, Dict, Optional, Union
 import numpy as np
 import torch
 
+from ..core.model import FusionFlow, FusionINNConfig
 from .atomic import atomic_file
-from .model import FusionFlow, FusionINNConfig
 
 FORMAT_NAME = "fusioninn-checkpoint"
 FORMAT_VERSION = 1
@@ -198,7 +198,7 @@ def save_checkpoint(path: PathLike, model: FusionFlow, metadata: Optional[Dict[s
     path = Path(path)
     broken = non_finite_weights(model.graph.state_dict())
     if broken:
-        from .errors import TrainingDivergedError
+        from ..core.errors import TrainingDivergedError
 
         class DivergedWeightsError(TrainingDivergedError, CheckpointError):
             pass
@@ -244,7 +244,8 @@ def bundled_model_path() -> Path:
     env = os.environ.get("FUSIONINN_DEFAULT_MODEL")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "Resources" / "Models" / "fusioninn_default.pt"
+    # FusionINN/FusionINNLib/io/checkpoint.py -> FusionINN/Resources
+    return Path(__file__).resolve().parents[2] / "Resources" / "Models" / "fusioninn_default.pt"
 
 
 def resolve_model(model: Optional[PathLike] = None, allow_random: bool = True) -> LoadedModel:
@@ -255,7 +256,7 @@ def resolve_model(model: Optional[PathLike] = None, allow_random: bool = True) -
     if default.is_file():
         return load_checkpoint(default)
     if not allow_random:
-        from .errors import ModelNotFoundError
+        from ..core.errors import ModelNotFoundError
 
         raise ModelNotFoundError(path=str(default))
     flow = FusionFlow(FusionINNConfig())

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .choices import BASELINE_METHODS as CLASSICAL_FUSION_METHODS  # defined once
+from ..core.choices import BASELINE_METHODS as CLASSICAL_FUSION_METHODS  # defined once
 
 __all__ = ["CLASSICAL_FUSION_METHODS", "classical_fusion"]
 

@@ -65,8 +65,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from FusionINNLib.atomic import atomic_file, atomic_write_text
-from FusionINNLib.normalization import foreground_mask, normalize_volume
+from FusionINNLib.core.normalization import foreground_mask, normalize_volume
+from FusionINNLib.io.atomic import atomic_file, atomic_write_text
 
 LOGGER = logging.getLogger(__name__)
 
@@ -570,8 +570,8 @@ class CaseSlices(tuple):
 
 
 def _read_image(path: Path):
-    """The image as a :class:`~FusionINNLib.volume.Volume` (voxels *and* geometry) through the one
-    image reader, :func:`FusionINNLib.volume.read_volume` (its damaged-file checks included); a
+    """The image as a :class:`~FusionINNLib.io.volume.Volume` (voxels *and* geometry) through the one
+    image reader, :func:`FusionINNLib.io.volume.read_volume` (its damaged-file checks included); a
     training case needs 3-D scalar images. Errors name the file."""
     from .volume import VolumeError, read_volume
 

@@ -5,7 +5,7 @@ What is differentiated
     *normalized* input x_1, x_2 (the values the network receives). ``target="logit"`` gives the
     derivatives of u instead; they differ by the factor sigma'(u) = y (1 - y), which makes
     saturated fused voxels (y near 0 or 1) insensitive to their inputs. The function is exactly the
-    one :class:`~FusionINNLib.engine.SliceEngine` evaluates, *including* its edge padding of the
+    one :class:`~FusionINNLib.core.engine.SliceEngine` evaluates, *including* its edge padding of the
     slice at the high end to the squeezes' multiple, so on the last row/column of an odd-sized slice
     the derivative also counts the padded replicas of that pixel (the chain rule through
     ``np.pad(mode="edge")``). With ``normalization="volume"`` a derivative in source units is the
@@ -68,12 +68,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import LoadedModel, resolve_model
-from .engine import CancelCheck, Cancelled, ProgressCallback, padded_size, select_device, tune_cpu_allocator
-from .errors import OptionError
-from .model import FusionFlow
-from .normalization import normalize_volume
-from .volume import OutputSet, Volume, VolumeError
+from ..core.engine import CancelCheck, Cancelled, ProgressCallback, padded_size, select_device, tune_cpu_allocator
+from ..core.errors import OptionError
+from ..core.model import FusionFlow
+from ..core.normalization import normalize_volume
+from ..io.checkpoint import LoadedModel, resolve_model
+from ..io.volume import OutputSet, Volume, VolumeError
 
 TARGETS = ("fused", "logit")
 # Spacing of the approximate mode: 144 instead of 256 lattices (1.8x faster). Measured on the
@@ -206,7 +206,7 @@ def _prepare(model: ModelLike, device: Union[str, torch.device]) -> Tuple[Fusion
                                                                           torch.dtype, torch.memory_format]:
     """Model on ``device`` in eval mode; its parameter dtype is the computation dtype.
 
-    Like :class:`~FusionINNLib.engine.SliceEngine` this moves the model in place (device and
+    Like :class:`~FusionINNLib.core.engine.SliceEngine` this moves the model in place (device and
     channels-last layout, see ``MEMORY_FORMAT``).
     """
     flow = _flow(model)
@@ -616,7 +616,7 @@ def _slice_range(slices: Any, count: int) -> Tuple[int, int]:
 def parse_slices(text: str, count: int) -> Tuple[int, int]:
     """``"a:b"`` (half-open, Python-style, either bound optional) or ``"a"`` (one slice); one parser
     for every front end (the torch-free one the Slicer module uses before a job starts)."""
-    from .slicer_support import parse_slice_range
+    from ..slicer_support import parse_slice_range
 
     return parse_slice_range(text, count)
 
@@ -625,7 +625,7 @@ class VolumeExplainer:
     """Normalized inputs kept in memory, so that repeated queries (a moving crosshair) are fast.
 
     ``volume2`` is resampled onto ``volume1``'s grid when needed and both are normalized exactly as
-    :func:`FusionINNLib.pipeline.fuse_volumes` does; slices are taken along ``axis`` (numpy order).
+    :func:`FusionINNLib.jobs.pipeline.fuse_volumes` does; slices are taken along ``axis`` (numpy order).
     """
 
     def __init__(self, volume1: Volume, volume2: Volume, model: Optional[ModelLike] = None, *, axis: int = 0,
@@ -791,8 +791,8 @@ def explain_files(input1: Any, input2: Any, guidance1: Any, guidance2: Any, *, r
     """Read two images, explain, and write every requested output all-or-nothing."""
     import json
 
+    from ..io.volume import read_volume
     from .pipeline import check_outputs
-    from .volume import read_volume
 
     if (jacobian1 is None) != (jacobian2 is None):
         raise OptionError(rule="both", options=("jacobian1", "jacobian2"))

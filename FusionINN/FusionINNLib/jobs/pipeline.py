@@ -22,12 +22,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic import temporary_sibling
-from .checkpoint import LoadedModel, resolve_model
-from .checkpoint import recorded_model as model_of_record
-from .engine import CancelCheck, ProgressCallback, SliceEngine
-from .errors import LatentMismatchError, ModelMismatchError, OptionError
-from .normalization import (
+from ..core.engine import CancelCheck, ProgressCallback, SliceEngine
+from ..core.errors import LatentMismatchError, ModelMismatchError, OptionError
+from ..core.normalization import (
     NORMALIZED_LIMIT,
     NormalizationParams,
     denormalize_integers,
@@ -36,9 +33,12 @@ from .normalization import (
     integer_dtype,
     normalize_volume,
 )
-from .record import RECORD_FORMAT, RECORD_KEY, RECORD_VERSION, FusionRecord, as_record, sidecar_path  # noqa: F401
-from .record import read_record as _read_record
-from .volume import (
+from ..io.atomic import temporary_sibling
+from ..io.checkpoint import LoadedModel, resolve_model
+from ..io.checkpoint import recorded_model as model_of_record
+from ..io.record import RECORD_FORMAT, RECORD_KEY, RECORD_VERSION, FusionRecord, as_record, sidecar_path  # noqa: F401
+from ..io.record import read_record as _read_record
+from ..io.volume import (
     DETACHED_HEADER_SUFFIXES,
     INTEGER_ONLY_SUFFIXES,
     SINGLE_SLICE_SUFFIXES,
@@ -441,7 +441,7 @@ def record_sidecar(path: PathLike) -> Path:
 
 def read_record(fused_path: PathLike, volume: Optional[Volume] = None) -> Optional[FusionRecord]:
     """The fusion record from the image's metadata (``volume``, as read), else its header, else its
-    JSON sidecar, else None: :func:`FusionINNLib.record.read_record`, the one codec."""
+    JSON sidecar, else None: :func:`FusionINNLib.io.record.read_record`, the one codec."""
     return _read_record(fused_path, None if volume is None else volume.metadata)
 
 

@@ -1,5 +1,5 @@
 """The one table of training options: ``fusioninn train``, the FusionINNTraining Slicer CLI and
-:class:`FusionINNLib.training.TrainingConfig` are all derived from :data:`OPTIONS`.
+:class:`FusionINNLib.train.training.TrainingConfig` are all derived from :data:`OPTIONS`.
 
 Each :class:`TrainOption` is one setting with one name:
 
@@ -12,7 +12,7 @@ Each :class:`TrainOption` is one setting with one name:
 
 From the table: :func:`add_train_arguments` builds the ``fusioninn train`` parser,
 :func:`slicer_xml` writes ``FusionINNTraining/FusionINNTraining.xml`` (``python -m
-FusionINNLib.train_options --write-xml PATH``; ``Testing/test_train_options.py`` checks the file
+FusionINNLib.train.options --write-xml PATH``; ``Testing/test_train_options.py`` checks the file
 byte for byte and the defaults against ``TrainingConfig``), :func:`config_from_cli` and
 :func:`config_from_slicer` turn parsed values into ``TrainingConfig`` keyword arguments, and
 :func:`bounds` gives the limits both parsers enforce.
@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from xml.sax.saxutils import escape
 
-from .choices import DEVICES, LATENT_LOSSES, NORMALIZATIONS, PRIORS
-from .choices import TRAINING_MODALITIES as MODALITIES
+from ..core.choices import DEVICES, LATENT_LOSSES, NORMALIZATIONS, PRIORS
+from ..core.choices import TRAINING_MODALITIES as MODALITIES
 
 DEFAULT_LABELS = "2,1|3"
 DEVICE_HELP = "compute device: auto (CUDA, then Apple MPS, then CPU), cpu, cuda or mps (default: auto)"
@@ -473,8 +473,8 @@ _ACKNOWLEDGEMENTS = (
     "FusionINN was proposed by N. Kumar, P. Gumhold and colleagues (arXiv:2403.15769, 2024). This module is an "
     "independent implementation using PyTorch and FrEIA.")
 XML_HEADER = f"""<?xml version="1.0" encoding="utf-8"?>
-<!-- Parameters of the FusionINNTraining scripted CLI. GENERATED from FusionINNLib/train_options.py (the one table of
-     training options) by `python -m FusionINNLib.train_options` with its write-xml option (see that module);
+<!-- Parameters of the FusionINNTraining scripted CLI. GENERATED from FusionINNLib/train/options.py (the one table of
+     training options) by `python -m FusionINNLib.train.options` with its write-xml option (see that module);
      do not edit by hand (Testing/test_train_options.py compares it byte for byte). FusionINNTraining.py builds its
      argument parser from this file; names and long flags are identifiers (Slicer's rule), each the camelCase of a
      long option of `fusioninn train`. Float defaults are written with as many decimals as Slicer's spin box should
@@ -572,12 +572,12 @@ def slicer_bounds() -> Dict[str, Tuple[Optional[float], Optional[float], bool, b
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m FusionINNLib.train_options",
+    parser = argparse.ArgumentParser(prog="python -m FusionINNLib.train.options",
                                      description="Write the Slicer CLI description derived from the option table.")
     parser.add_argument("--write-xml", metavar="PATH", help="write FusionINNTraining.xml here (atomically)")
     args = parser.parse_args(argv)
     if args.write_xml:
-        from .atomic import atomic_write_bytes
+        from ..io.atomic import atomic_write_bytes
 
         atomic_write_bytes(args.write_xml, slicer_xml().encode("utf-8"))
     else:

@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
-from .volume import OutputSet, read_volume
+from ..io.volume import OutputSet, read_volume
 
 DEMO_SHAPE = (64, 128, 128)
 DEMO_SAMPLES = 8
@@ -68,8 +68,8 @@ def _montage(path: Path, rows: Dict[str, Dict[str, np.ndarray]], fused: np.ndarr
 def run_demo(output_dir: str = "demo_output", model: Optional[str] = None, device: str = "auto",
              seed: int = 0, log: Callable[[str], None] = print,
              progress: Optional[Callable[[float], None]] = None) -> DemoResult:
-    from . import jobs
-    from .phantom import write_phantom_cases
+    from .. import jobs
+    from ..io.phantom import write_phantom_cases
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,7 +109,7 @@ def run_demo(output_dir: str = "demo_output", model: Optional[str] = None, devic
                                  progress=stage(0.5, 0.45), log=quiet, models=models)
     t1, flair = read_volume(t1_path).array, read_volume(flair_path).array
     fused = read_volume(out / "fused.nrrd").array
-    # The one scorer (FusionINNLib.scoring): decompositions on their source's scale, so gain and
+    # The one scorer (FusionINNLib.metrics.scoring): decompositions on their source's scale, so gain and
     # offset errors are not normalised away.
     report = jobs.run_score(jobs.ScoreRequest(str(t1_path), str(flair_path), str(out / "fused.nrrd"),
                                               decomposed1=exact.source1, decomposed2=exact.source2))

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
-from .volume import UsageError, VolumeError
-
 FrontEnd = Union[str, Mapping[str, str]]
 
 # request field -> how the command line spells it
@@ -74,6 +72,14 @@ def _names(front_end: FrontEnd) -> Mapping[str, str]:
     if front_end == "gui":
         return GUI_OPTION_NAMES
     raise ValueError(f"unknown front end {front_end!r}; use 'cli', 'gui' or a mapping of option names")
+
+
+class VolumeError(ValueError):
+    """An image that cannot be used; the message names the file and the problem."""
+
+
+class UsageError(ValueError):
+    """Options that do not go together (the command line exits with 2, as for argparse's errors)."""
 
 
 class FusionINNError(Exception):

@@ -45,8 +45,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .choices import BASELINE_METHODS
-from .volume import Volume, VolumeError, overlaps, resample_like
+from ..core.choices import BASELINE_METHODS
+from ..io.volume import Volume, VolumeError, overlaps, resample_like
 
 NOTE_INPUT2_RESAMPLED = "input 2 resampled (linear) onto input 1's grid: their geometries differ"
 
@@ -84,7 +84,7 @@ def mask_on_grid(mask: Volume, reference: Volume) -> Tuple[np.ndarray, List[str]
 
 
 def _quiet(run):
-    from .metrics import MetricWarning
+    from .quality import MetricWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MetricWarning)
@@ -100,7 +100,7 @@ def score_fusion(volume1: Volume, volume2: Volume, fused: Volume, *, mask: Optio
     :func:`FusionINNLib.metrics.fusion_metrics`'s dict (``summary``, ``per_slice``, ``notes``), with
     the read and resampling notes first.
     """
-    from .metrics import fusion_metrics
+    from .quality import fusion_metrics
 
     for name, volume in zip(names, (volume1, volume2, fused)):
         _check_finite(volume, name)
@@ -141,7 +141,7 @@ def score_decomposition(source: Any, decomposed: Any, *, mask: Any = None, data_
     ``data_range`` both images are put on the source's scale (module docstring), with it they are
     used as they are.
     """
-    from .metrics import decomposition_metrics
+    from .quality import decomposition_metrics
 
     notes: List[str] = []
     if isinstance(source, Volume):
@@ -190,13 +190,13 @@ def baseline_fusions(volume1: Volume, volume2: Volume, methods: Sequence[str] = 
     """The classical fusions (mean, max, weighted; FuseVis eq. 3) of the normalised inputs.
 
     Both inputs go through the normalisation the network sees
-    (:func:`FusionINNLib.normalization.normalize_volume`) and are then clipped to [0, 1]: the
+    (:func:`FusionINNLib.core.normalization.normalize_volume`) and are then clipped to [0, 1]: the
     robust volume map leaves the background and the darkest 0.5 % slightly below 0, and the
     weighted rule is only defined for non-negative intensities. The baselines are thus on the
     fused volume's [0, 1] scale and on input 1's grid.
     """
+    from ..core.normalization import normalize_volume
     from .baselines import classical_fusion
-    from .normalization import normalize_volume
 
     aligned2, _ = align_to_reference(volume1, volume2)
     x1 = np.clip(normalize_volume(np.asarray(volume1.array), normalization, axis)[0], 0.0, 1.0)
