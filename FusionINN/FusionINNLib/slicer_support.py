@@ -34,6 +34,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .core.choices import BASELINE_METHODS  # noqa: F401 - defined once (FusionINNLib.core.choices), re-exported
+from .core.slices import parse_slice_range  # noqa: F401 - defined once (core.slices), re-exported
 from .io import record as _record
 
 # -- geometry ---------------------------------------------------------------------------------
@@ -211,26 +212,6 @@ def unset_path(path: Any) -> bool:
     ``pathlib.Path()`` give ".", ``ctkPathLineEdit.currentPath`` gives ""."""
     text = str(path if path is not None else "").strip()
     return text in ("", ".")
-
-
-def parse_slice_range(text: str, count: int) -> Tuple[int, int]:
-    """``"a:b"`` (half-open, either bound optional) or ``"a"`` → (start, stop) within 0..count.
-    Torch-free, so the Slicer module checks a range before a job starts; ``explain.parse_slices``
-    is this function."""
-    text = str(text).strip()
-    try:
-        if ":" in text:
-            first, second = text.split(":", 1)
-            start = int(first) if first.strip() else 0
-            stop = int(second) if second.strip() else count
-        else:
-            start = int(text)
-            stop = start + 1
-    except ValueError:
-        raise ValueError(f"slices must look like a:b (e.g. 70:80) or a single index, got {text!r}") from None
-    if not 0 <= start < stop <= count:
-        raise ValueError(f"slice range {start}:{stop} is empty or outside 0:{count}")
-    return start, stop
 
 
 def resumable_checkpoint(output_model: Any) -> Optional[str]:

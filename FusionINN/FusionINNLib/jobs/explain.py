@@ -72,6 +72,7 @@ from ..core.engine import CancelCheck, Cancelled, ProgressCallback, padded_size,
 from ..core.errors import OptionError
 from ..core.model import FusionFlow
 from ..core.normalization import normalize_volume
+from ..core.slices import parse_slice_range
 from ..io.checkpoint import LoadedModel, resolve_model
 from ..io.volume import OutputSet, Volume, VolumeError
 
@@ -615,9 +616,8 @@ def _slice_range(slices: Any, count: int) -> Tuple[int, int]:
 
 def parse_slices(text: str, count: int) -> Tuple[int, int]:
     """``"a:b"`` (half-open, Python-style, either bound optional) or ``"a"`` (one slice); one parser
-    for every front end (the torch-free one the Slicer module uses before a job starts)."""
-    from ..slicer_support import parse_slice_range
-
+    for every front end (:func:`FusionINNLib.core.slices.parse_slice_range`, the torch-free one the
+    Slicer module uses before a job starts)."""
     return parse_slice_range(text, count)
 
 
