@@ -22,7 +22,7 @@ from FusionINNLib.core.engine import Cancelled
 from FusionINNLib.core.losses import LossTerms
 from FusionINNLib.io.checkpoint import load_checkpoint
 from FusionINNLib.io.phantom import write_phantom_cases
-from FusionINNLib.train import training
+from FusionINNLib.train import checkpoints, training
 from FusionINNLib.train.training import TrainingConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,7 +157,7 @@ def test_a_killed_run_resumes_from_its_last_complete_epoch(data_dir, tmp_path):
 
     assert resumable_checkpoint(out / "model.pt") == str(last)
 
-    state = torch.load(last, map_location="cpu", weights_only=True)[training.STATE_KEY]
+    state = torch.load(last, map_location="cpu", weights_only=True)[checkpoints.STATE_KEY]
     done = state["epoch"]
     assert done >= 1 and [row["epoch"] for row in state["history"]] == list(range(1, done + 1))
 

@@ -1,4 +1,8 @@
-"""Training FusionINN on BraTS-style cases: data, loop, checkpoints, DDP, history and metrics tables.
+"""Training FusionINN on BraTS-style cases: configuration, data, the loop, DDP, history and metrics tables.
+
+Its siblings hold the rest of a run: :mod:`.checkpoints` (``last.pt``/``best.pt``/the output model,
+resuming), :mod:`.metadata` (what the model file says about its training), :mod:`.plot` (the loss
+curves) and :mod:`.options` (the one table of options the command lines are built from).
 
 Objective (paper §2; formulas in :mod:`FusionINNLib.core.losses`)::
 
@@ -51,7 +55,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -73,8 +77,11 @@ from ..core.losses import (
 )
 from ..core.model import FusionFlow, FusionINNConfig
 from ..core.normalization import MODES
-from ..io.atomic import atomic_file, atomic_write_text
-from ..io.checkpoint import FORMAT_VERSION, CheckpointError, read_payload, save_checkpoint
+from ..io.atomic import atomic_write_text
+from ..io.checkpoint import FORMAT_VERSION
+from . import checkpoints
+from .metadata import model_metadata
+from .plot import write_plot
 
 LOGGER = logging.getLogger(__name__)
 
@@ -87,12 +94,8 @@ BRAIN_LABELS = ("brain", "none", "")  # spellings of "no label rule: brain-conte
 MIN_FREE_BYTES = 64 * 1024 * 1024
 LOSS_PARTS = ("loss", "fusion", "fusion_ssim", "fusion_l2", "fusion_grad", "latent", "dec", "dec_ssim",
               "dec_l2")
-STATE_KEY = "training_state"
 # Fusion targets are clipped to [m, 1 − m] (see _Trainer._losses), which keeps |u| <= logit(1 − m) ≈ 6.9.
 FUSION_TARGET_MARGIN = 1e-3
-# Settings a resumed run may change; everything else comes from the checkpoint being resumed.
-RESUME_OVERRIDABLE = ("epochs", "early_stopping", "device", "num_workers", "output", "run_dir",
-                      "history_table", "metrics_table", "plot", "cache_dir", "resume", "data_dir")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -791,12 +794,15 @@ def evaluation_table(flow: FusionFlow, data: TrainingData, c: TrainingConfig, de
 # The trainer
 # ------------------------------------------------------------------------------------------------
 class _Trainer:
-    """The training loop and its state (model, optimizer, scheduler, history, best epoch).
+    """The training loop and its state (model, optimizer, scheduler, history, best epoch), and the
+    final evaluation.
 
-    The other concerns of a run are units of their own above: where it writes (:class:`RunPaths`),
-    the data it trains on (:func:`load_training_data` → :class:`TrainingData`), how the trained model
-    is evaluated (:func:`evaluation_table`, :func:`evaluate_case`); resuming reads ``last.pt`` through
-    the checkpoint loader (:func:`FusionINNLib.io.checkpoint.read_payload`).
+    The other concerns of a run are units of their own: where it writes (:class:`RunPaths`), the
+    data it trains on (:func:`load_training_data` → :class:`TrainingData`), how the trained model is
+    evaluated (:func:`evaluation_table`, :func:`evaluate_case`), above in this module; saving and
+    resuming through the checkpoint writer and loader (:mod:`FusionINNLib.train.checkpoints`), the
+    model's metadata (:mod:`FusionINNLib.train.metadata`) and the loss-curve plot
+    (:mod:`FusionINNLib.train.plot`), in modules of their own.
     """
 
     def __init__(self, config: TrainingConfig, progress: Optional[ProgressFn], log: Optional[LogFn],
@@ -805,8 +811,8 @@ class _Trainer:
         self._progress = progress
         self._log = log
         self.cancel = cancel
-        self.resume_state: Optional[Dict[str, Any]] = None
-        self.resume_payload: Optional[Dict[str, Any]] = None
+        self.resume_point: Optional[checkpoints.ResumePoint] = None
+        self.resume_state: Optional[Dict[str, Any]] = None  # resume_point.state, what the data loader reads
         self.paths: Optional[RunPaths] = None  # set by _run
         self.data: Optional[TrainingData] = None  # set by _run
 
@@ -829,28 +835,12 @@ class _Trainer:
 
     # -- setup -------------------------------------------------------------------------------
     def load_resume(self) -> None:
-        """Read the checkpoint to resume and take its settings (except RESUME_OVERRIDABLE)."""
-        path = Path(self.config.resume)  # type: ignore[arg-type]
-        if path.is_dir():
-            path = path / "last.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint to resume not found: {path}")
-        try:
-            payload = read_payload(path)  # the checkpoint loader's one safe read (weights_only)
-        except CheckpointError as error:
-            raise ValueError(f"cannot read the checkpoint to resume: {error}") from None
-        if not isinstance(payload, dict) or STATE_KEY not in payload:
-            raise ValueError(f"{path}: not a training checkpoint (no {STATE_KEY}); resume from run_dir/last.pt")
-        state = payload[STATE_KEY]
-        saved = TrainingConfig.from_dict(state["config"])
-        for name in RESUME_OVERRIDABLE:
-            setattr(saved, name, getattr(self.config, name))
-        if self.config.run_dir is None:
-            saved.run_dir = str(path.parent)
-        self.config = saved
-        self.resume_state = state
-        self.resume_payload = payload
-        self.resume_path = path
+        """Read the checkpoint to resume and take its settings (except ``checkpoints.RESUME_OVERRIDABLE``)."""
+        point = checkpoints.read_resume(self.config.resume)  # type: ignore[arg-type]
+        saved = TrainingConfig.from_dict(point.state["config"])
+        self.config = checkpoints.resumed_config(saved, self.config, point.path)
+        self.resume_point = point
+        self.resume_state = point.state
 
     def build(self) -> None:
         c = self.config
@@ -904,24 +894,20 @@ class _Trainer:
         self.best_loss = math.inf
         self.best_state: Optional[Dict[str, torch.Tensor]] = None
         self.stale_epochs = 0
-        if self.resume_state is not None:
-            state = self.resume_state
-            self.flow.graph.load_state_dict(self.resume_payload["state_dict"])  # type: ignore[index]
-            self.flow.set_actnorm_data_init(False)
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            if self.scaler is not None and state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
+        if self.resume_point is not None:
+            state = self.resume_point.state
+            checkpoints.restore(self.resume_point, self.flow, self.optimizer, self.scheduler, self.scaler)
             self.history = list(state["history"])
             self.start_epoch = int(state["epoch"]) + 1
             self.best_epoch = int(state["best_epoch"])
             self.best_loss = float(state["best_loss"])
             self.best_state = dict(state["best_state_dict"])
             self.stale_epochs = int(state["stale_epochs"])
-            self.log(f"resuming from {self.resume_path} after epoch {state['epoch']} "
+            self.log(f"resuming from {self.resume_point.path} after epoch {state['epoch']} "
                      f"(best so far: epoch {self.best_epoch}, loss {self.best_loss:.5f})")
         elif c.init_model:
-            self.load_initial_weights(model_config)
+            checkpoints.load_initial_weights(self.flow, c.init_model, model_config)
+            self.log(f"starting from the weights of {c.init_model}")
         else:
             self.sampler.set_epoch(1)
             self.train_set.set_epoch(1)
@@ -935,19 +921,6 @@ class _Trainer:
 
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.step_module = DistributedDataParallel(self.step_module, device_ids=device_ids)
-
-    def load_initial_weights(self, model_config: FusionINNConfig) -> None:
-        from ..io.checkpoint import load_checkpoint
-
-        loaded = load_checkpoint(self.config.init_model)
-        # padding and the background rule have no weights, so a fine-tuning run may change them
-        if replace(loaded.model.config, padding_mode=model_config.padding_mode,
-                   clear_background=model_config.clear_background) != model_config:
-            raise ValueError(f"{self.config.init_model}: its architecture ({loaded.model.config}) differs from "
-                             f"this run's ({model_config}); use the same blocks, subnet and seed settings")
-        self.flow.graph.load_state_dict(loaded.model.graph.state_dict())
-        self.flow.set_actnorm_data_init(False)
-        self.log(f"starting from the weights of {self.config.init_model}")
 
     # -- one pass ------------------------------------------------------------------------------
     def _autocast(self):
@@ -1074,67 +1047,17 @@ class _Trainer:
         return columns
 
     def metadata(self, metrics: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-        c = self.config
-        return {
-            "modalities": list(c.modalities),
-            "normalization": c.normalization,
-            "axis": c.axis,
-            "labels": c.label_rule() or "brain",
-            "data": {
-                "data_dir": str(c.data_dir),
-                "summary": self.data.data_summary,
-                "train_cases": [case.case_id for case in self.data.train_data],
-                "val_cases": [case.case_id for case in self.data.val_data],
-                "train_slices": int(self.data.slice_counts["train"]),
-                "val_slices": int(self.data.slice_counts["val"]),
-            },
-            "split": {
-                "train_subjects": sorted({case.subject_id for case in self.data.train_cases}),
-                "val_subjects": sorted({case.subject_id for case in self.data.val_cases}),
-                "seed": c.seed,
-                "val_fraction": c.val_fraction,
-            },
-            "training": {
-                "config": c.to_dict(),
-                "best_epoch": self.best_epoch,
-                "best_loss": self.best_loss,
-                "best_on": "validation" if self.val_set is not None else "training",
-                "epochs_run": len(self.history),
-                "world_size": self.dist.world_size,
-                "torch": torch.__version__,
-            },
-            "metrics": metrics or {},
-        }
+        return model_metadata(self.config, self.data, best_epoch=self.best_epoch, best_loss=self.best_loss,
+                              validated=self.val_set is not None, epochs_run=len(self.history),
+                              world_size=self.dist.world_size, metrics=metrics)
 
     def save_last(self, epoch: int) -> None:
-        state = {
-            "config": self.config.to_dict(),
-            "epoch": epoch,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-            "history": self.history,
-            "best_epoch": self.best_epoch,
-            "best_loss": self.best_loss,
-            "best_state_dict": self.best_state,
-            "stale_epochs": self.stale_epochs,
-            "split": {"train": [case.to_dict() for case in self.data.train_cases],
-                      "val": [case.to_dict() for case in self.data.val_cases]},
-            "data_summary": self.data.data_summary,
-        }
-        try:
-            save_checkpoint(self.paths.run_dir / "last.pt", self.flow, self.metadata(), extra={STATE_KEY: state})
-        except OSError as error:
-            raise OSError(f"cannot write the checkpoint {self.paths.run_dir / 'last.pt'}: {error.strerror or error}") \
-                from error
-
-    def save_model(self, path: Path, state_dict: Dict[str, torch.Tensor], metadata: Dict[str, Any]) -> None:
-        flow = FusionFlow(self.config.model_config())
-        flow.graph.load_state_dict(state_dict)
-        try:
-            save_checkpoint(path, flow, metadata)
-        except OSError as error:
-            raise OSError(f"cannot write the model {path}: {error.strerror or error}") from error
+        state = checkpoints.training_state(
+            config=self.config.to_dict(), epoch=epoch, optimizer=self.optimizer, scheduler=self.scheduler,
+            scaler=self.scaler, history=self.history, best_epoch=self.best_epoch, best_loss=self.best_loss,
+            best_state=self.best_state, stale_epochs=self.stale_epochs, train_cases=self.data.train_cases,
+            val_cases=self.data.val_cases, data_summary=self.data.data_summary)
+        checkpoints.save_last(self.paths.run_dir, self.flow, self.metadata(), state)
 
     def write_partition(self, epoch: int, seen: List[int]) -> None:
         ranks = self.dist.gather({"rank": self.dist.rank, "samples": seen,
@@ -1146,14 +1069,6 @@ class _Trainer:
                   "items": [list(self.train_set.describe(i)) for i in range(len(self.train_set))],
                   "ranks": ranks}
         atomic_write_text(self.paths.run_dir / "partition.json", json.dumps(record) + "\n")
-
-    def plot(self) -> Optional[Path]:
-        try:
-            plot_history(self.history, self.paths.plot_path)
-            return self.paths.plot_path
-        except ImportError as error:
-            self.log(f"loss-curve plot skipped: {error}")
-            return None
 
     # -- main loop -------------------------------------------------------------------------------
     def run(self) -> TrainingResult:
@@ -1214,7 +1129,8 @@ class _Trainer:
             if self.dist.is_main:
                 write_table(self.paths.history_path, self.history_columns(), self.history)
                 if improved:
-                    self.save_model(self.paths.run_dir / "best.pt", self.best_state, self.metadata())
+                    checkpoints.save_model(self.paths.run_dir / "best.pt", c.model_config(), self.best_state,
+                                           self.metadata())
                 self.save_last(epoch)
             elapsed = time.perf_counter() - run_start
             remaining = (c.epochs - epoch) * elapsed / epochs_this_run
@@ -1254,8 +1170,8 @@ class _Trainer:
             write_table(self.paths.metrics_path, columns, rows + [mean_row])
             metrics = {k: v for k, v in mean_row.items() if k not in ("case", "subject")}
             metrics["samples"] = c.metric_samples
-            self.save_model(self.paths.output, self.best_state, self.metadata(metrics))
-            plot_path = self.plot()
+            checkpoints.save_model(self.paths.output, c.model_config(), self.best_state, self.metadata(metrics))
+            plot_path = write_plot(self.history, self.paths.plot_path, self.log)
             self.log(f"best epoch {self.best_epoch} (loss {self.best_loss:.5f}); wrote {self.paths.output}, "
                      f"{self.paths.history_path}, {self.paths.metrics_path}")
             summary = ", ".join(f"{k} {v:.4f}" for k, v in mean_row.items() if isinstance(v, float))
@@ -1273,41 +1189,6 @@ class _Trainer:
             metrics={k: v for k, v in mean_row.items() if isinstance(v, float)})
 
 
-def plot_history(history: Sequence[Dict[str, Any]], path: Path) -> Path:
-    """Loss curves (total, fusion, decomposition, latent; train solid, validation dashed) and the
-    learning rate, as a PNG written atomically (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    epochs = [row["epoch"] for row in history]
-    figure = Figure(figsize=(11, 3.4), dpi=100)
-    axes = figure.subplots(1, 4)
-    panels = (("loss", "total loss"), ("fusion", "fusion loss"), ("dec", "decomposition loss"),
-              ("latent", "latent loss"))
-    for axis, (key, title) in zip(axes, panels):
-        for prefix, style in (("train", "-"), ("val", "--")):
-            values = [row.get(f"{prefix}_{key}") for row in history]
-            if values and all(v is not None for v in values):
-                axis.plot(epochs, values, style, marker="." if len(epochs) < 30 else None, label=prefix)
-        axis.set_title(title, fontsize=9)
-        axis.set_xlabel("epoch", fontsize=8)
-        axis.tick_params(labelsize=7)
-        axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    lr_axis = axes[0].twinx()
-    lr_axis.plot(epochs, [row["lr"] for row in history], ":", color="grey", linewidth=1)
-    lr_axis.set_ylabel("lr (dotted)", fontsize=7)
-    lr_axis.tick_params(labelsize=6)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as temp:
-        figure.savefig(temp, format="png")
-    return path
-
-
 def train(config: TrainingConfig, progress: Optional[ProgressFn] = None, log: Optional[LogFn] = None,
           cancel: Optional[CancelFn] = None) -> TrainingResult:
     """Train a FusionINN model as ``config`` says; see the module docstring for what is written.
@@ -1321,6 +1202,6 @@ def train(config: TrainingConfig, progress: Optional[ProgressFn] = None, log: Op
     return _Trainer(config, progress, log, cancel).run()
 
 
-__all__ = ["TrainingConfig", "TrainingResult", "train", "write_table", "schema_path", "plot_history",
+__all__ = ["TrainingConfig", "TrainingResult", "train", "write_table", "schema_path",
            "evaluate_case", "initialize_actnorm", "FlowTrainingStep", "SliceDataset", "psnr",
            "mean_slice_ssim", "FORMAT_VERSION"]
