@@ -28,6 +28,7 @@ def test_bundled_model_is_present_small_and_loads():
     assert path.stat().st_size < 2 * 1024 * 1024
     loaded = load_checkpoint(path)
     assert loaded.origin == "fusioninn" and loaded.config.reverse_input == "logit"
+    assert loaded.config.clear_background and loaded.config.padding_mode == "replicate"  # docs/models.md
     # the model card's facts travel with the weights: real training subjects, a disjoint validation
     # set of at least 5 subjects, the recipe and the data-use terms (docs/models.md)
     trained_on = loaded.metadata["trained_on"]

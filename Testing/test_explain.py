@@ -411,3 +411,16 @@ def test_cli_explain_writes_all_outputs(tmp_path, capsys):
         cli.main(["explain", *common, "--spacing", "8", "--approximate"])
     assert not bad.exists() and not (tmp_path / "b2.nrrd").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_background_rule_zero_guidance_and_the_engines_fused_image():
+    from FusionINNLib.core.engine import SliceEngine
+
+    flow = FusionFlow(FusionINNConfig(clear_background=True), seed=3)
+    x1, x2 = smooth_pair(32, 32, seed=2)
+    x1[:10], x2[:10] = -0.2, -0.1  # both background in the top rows
+    result = explain.compute_guidance(flow, x1, x2, device="cpu")
+    assert np.all(result.guidance1[:, :10] == 0) and np.all(result.guidance2[:, :10] == 0)
+    assert np.abs(result.guidance1[:, 12:]).max() > 1e-3
+    engine_fused = SliceEngine(flow, "cpu").fuse(x1[None], x2[None]).fused
+    assert np.allclose(result.fused, engine_fused, atol=1e-6)

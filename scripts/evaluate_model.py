@@ -16,7 +16,8 @@ cases with a segmentation only).
 
 Measures (each the mean over the slices of the set):
 * fusion Q_SSIM, Q_XY, Q_P (``metrics``; full-image definitions, data range 1) of the model and of
-  the mean, max and FuseVis weighted-average baselines (``baselines.classical_fusion``);
+  the mean, max and FuseVis weighted-average baselines (``baselines.classical_fusion``), and Q_XY over
+  the pixels where a source has signal (``Q_XY_tissue``);
 * checkerboard ratio (``artefacts.checkerboard_ratio``) over the whole brain (blocks inside both
   sources' foreground), fused image vs the pooled sources; acceptance ≤ 1.1;
 * hot background (``artefacts.hot_background_fraction``): share of the voxels where both sources
@@ -59,11 +60,16 @@ def normalize_with(estimate: np.ndarray, source: np.ndarray) -> np.ndarray:
 
 
 def slice_scores(s1: np.ndarray, s2: np.ndarray, fused: np.ndarray, keep: np.ndarray) -> dict:
-    """Mean over ``keep`` of each fusion metric on 2-D slices in [0, 1]."""
+    """Mean over ``keep`` of each fusion metric on 2-D slices in [0, 1], and Q_XY over the pixels
+    where a source has signal (``Q_XY_tissue``): the full-image Q_XY is mostly background, which
+    scores ~0.99 where the fused image is exactly flat and ~0 where it is not."""
     out = {}
     for name, function in FUSION_METRICS.items():
         values = [function(s1[k], s2[k], fused[k], data_range=1.0) for k in keep]
         out[name] = float(np.nanmean(values))
+    tissue = (s1 > 0) | (s2 > 0)
+    out["Q_XY_tissue"] = float(np.nanmean([metrics.q_xy(s1[k], s2[k], fused[k], data_range=1.0, mask=tissue[k])
+                                           for k in keep]))
     return out
 
 
@@ -131,17 +137,18 @@ def print_tables(results: list) -> None:
         if not rows:
             continue
         print(f"\n### {set_name} slices: model (mean / max / weighted)\n")
-        print("| case | slices | " + " | ".join(FUSION_METRICS) + " |")
-        print("|---|---|" + "---|" * len(FUSION_METRICS))
+        names = [*FUSION_METRICS, "Q_XY_tissue"]
+        print("| case | slices | " + " | ".join(names) + " |")
+        print("|---|---|" + "---|" * len(names))
         for r in rows:
             cells = []
-            for metric in FUSION_METRICS:
+            for metric in names:
                 base = " / ".join(f"{r[set_name][b][metric]:.3f}" for b in BASELINES)
                 cells.append(f"**{r[set_name]['model'][metric]:.3f}** ({base})")
             print(f"| {r['case']} | {r['slices'][set_name]} | " + " | ".join(cells) + " |")
-        means = {m: np.mean([r[set_name]["model"][m] for r in rows]) for m in FUSION_METRICS}
-        base_means = {m: [np.mean([r[set_name][b][m] for r in rows]) for b in BASELINES] for m in FUSION_METRICS}
-        cells = [f"**{means[m]:.3f}** (" + " / ".join(f"{v:.3f}" for v in base_means[m]) + ")" for m in FUSION_METRICS]
+        means = {m: np.mean([r[set_name]["model"][m] for r in rows]) for m in names}
+        base_means = {m: [np.mean([r[set_name][b][m] for r in rows]) for b in BASELINES] for m in names}
+        cells = [f"**{means[m]:.3f}** (" + " / ".join(f"{v:.3f}" for v in base_means[m]) + ")" for m in names]
         print("| **mean** | | " + " | ".join(cells) + " |")
     print("\n### artefacts and decomposition (T1-Gd / FLAIR)\n")
     keys = list(results[0]["decomposition_ssim"])

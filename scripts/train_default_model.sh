@@ -14,12 +14,17 @@
 #   image border and the background are trained as inference sees them) with replicate border
 #   padding, batch 4, Adam 3e-4, MAX_SLICES2 evenly spaced training slices per epoch (default 500),
 #   EPOCHS2 epochs (default 2).
+# Phase 3 (flat background): phase 2's model fine-tuned with the background rule
+#   (--clear-background: the fused image is flat where both sources are background and the sampled
+#   decomposition puts each source's background there, so the flow stops coding the sources in a
+#   halo around the brain), no intensity jitter (the rule reads the sources' own background),
+#   otherwise as phase 2, EPOCHS3 epochs (default 12).
 # The epoch with the lowest validation loss of each phase is kept. CPU, seed 0 (the bundled model: phase 1
-# with one thread beside a second run, phase 2 with OMP_NUM_THREADS=2).
+# with one thread beside a second run, phases 2 and 3 with OMP_NUM_THREADS=2).
 # Times on the shared 2-core machine are in docs/models.md.
 #
 # Usage: scripts/train_default_model.sh [DATA [OUTPUT.pt]]
-#        (environment: RUN_ROOT (default: a temporary folder), EPOCHS1, EPOCHS2, MAX_SLICES2,
+#        (environment: RUN_ROOT (default: a temporary folder), EPOCHS1, EPOCHS2, EPOCHS3, MAX_SLICES2,
 #         GRADIENT_WEIGHT, PYTHON; an interrupted phase continues with RESUME=1 and the same RUN_ROOT)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +32,7 @@ DATA="${1:-../shared/data/brats}"
 OUTPUT="${2:-FusionINN/Resources/Models/fusioninn_default.pt}"
 EPOCHS1="${EPOCHS1:-14}"
 EPOCHS2="${EPOCHS2:-2}"
+EPOCHS3="${EPOCHS3:-12}"
 MAX_SLICES2="${MAX_SLICES2:-500}"
 GRADIENT_WEIGHT="${GRADIENT_WEIGHT:-10}"
 PYTHON="${PYTHON:-python}"
@@ -36,10 +42,11 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
 common=(--labels brain --val-fraction 0.2 --max-val-slices 48 --seed 0 --device cpu --intensity-jitter 0.1
         --gradient-weight "$GRADIENT_WEIGHT" --cache-dir "$RUN_ROOT/cache")
-resume1=() resume2=()
+resume1=() resume2=() resume3=()
 if [ "${RESUME:-0}" = 1 ]; then
   [ -f "$RUN_ROOT/phase1/run/last.pt" ] && resume1=(--resume "$RUN_ROOT/phase1/run/last.pt")
   [ -f "$RUN_ROOT/phase2/run/last.pt" ] && resume2=(--resume "$RUN_ROOT/phase2/run/last.pt")
+  [ -f "$RUN_ROOT/phase3/run/last.pt" ] && resume3=(--resume "$RUN_ROOT/phase3/run/last.pt")
 fi
 
 start=$(date +%s)
@@ -48,11 +55,16 @@ if [ ! -f "$RUN_ROOT/phase1/model.pt" ]; then
       "${common[@]}" --epochs "$EPOCHS1" --batch-size 8 --lr 1e-3 --crop-size 64 "${resume1[@]}"
 fi
 phase1=$(( $(date +%s) - start ))
-"$PYTHON" -m FusionINNLib.cli train "$DATA" --output "$RUN_ROOT/phase2/model.pt" --run-dir "$RUN_ROOT/phase2/run" \
-    "${common[@]}" --epochs "$EPOCHS2" --batch-size 4 --lr 3e-4 --max-train-slices "$MAX_SLICES2" --padding-mode replicate \
-    --init-model "$RUN_ROOT/phase1/model.pt" "${resume2[@]}"
+whole=(--batch-size 4 --lr 3e-4 --max-train-slices "$MAX_SLICES2" --padding-mode replicate)
+if [ ! -f "$RUN_ROOT/phase2/model.pt" ]; then
+  "$PYTHON" -m FusionINNLib.cli train "$DATA" --output "$RUN_ROOT/phase2/model.pt" --run-dir "$RUN_ROOT/phase2/run" \
+      "${common[@]}" "${whole[@]}" --epochs "$EPOCHS2" --init-model "$RUN_ROOT/phase1/model.pt" "${resume2[@]}"
+fi
+"$PYTHON" -m FusionINNLib.cli train "$DATA" --output "$RUN_ROOT/phase3/model.pt" --run-dir "$RUN_ROOT/phase3/run" \
+    "${common[@]}" "${whole[@]}" --intensity-jitter 0 --clear-background --epochs "$EPOCHS3" \
+    --init-model "$RUN_ROOT/phase2/model.pt" "${resume3[@]}"
 seconds=$(( $(date +%s) - start ))
 
-"$PYTHON" scripts/finalize_default_model.py "$RUN_ROOT/phase2/model.pt" "$OUTPUT" \
-    --recipe "scripts/train_default_model.sh (EPOCHS1=$EPOCHS1 EPOCHS2=$EPOCHS2 MAX_SLICES2=$MAX_SLICES2 GRADIENT_WEIGHT=$GRADIENT_WEIGHT)" \
+"$PYTHON" scripts/finalize_default_model.py "$RUN_ROOT/phase3/model.pt" "$OUTPUT" \
+    --recipe "scripts/train_default_model.sh (EPOCHS1=$EPOCHS1 EPOCHS2=$EPOCHS2 EPOCHS3=$EPOCHS3 MAX_SLICES2=$MAX_SLICES2 GRADIENT_WEIGHT=$GRADIENT_WEIGHT)" \
     --seconds "$seconds" --phase1-seconds "$phase1"

@@ -15,7 +15,7 @@ import ctypes
 import ctypes.util
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -124,6 +124,21 @@ def _slices_first(array: np.ndarray, axis: int) -> np.ndarray:
 def _slice_seed(seed: int, slice_index: int, sample: int) -> int:
     # One seed per (slice, sample): results do not depend on batch size or OOM retries.
     return int(np.random.SeedSequence([seed & 0xFFFFFFFF, slice_index, sample]).generate_state(1)[0])
+
+
+def fill_cleared_background(model: FusionFlow, fused: np.ndarray, estimates: Sequence[np.ndarray],
+                            stds: Sequence[Optional[np.ndarray]], values: Sequence[Optional[float]]) -> None:
+    """The sampled decomposition's background rule (``FusionINNConfig.clear_background``), in
+    place: where the fused image says "both sources are background", estimate k is ``values[k]``
+    (source k's background value, in the estimates' units; None leaves it) with no uncertainty."""
+    background = model.cleared_background(fused)
+    if background is None or not background.any():
+        return
+    for estimate, std, value in zip(estimates, stds, values):
+        if value is not None:
+            estimate[background] = value
+            if std is not None:
+                std[background] = 0.0
 
 
 @dataclass

@@ -4,7 +4,9 @@ What is differentiated
     The fused image the user sees, y = sigmoid(u) with ``(u, z) = model(x)``, with respect to each
     *normalized* input x_1, x_2 (the values the network receives). ``target="logit"`` gives the
     derivatives of u instead; they differ by the factor sigma'(u) = y (1 - y), which makes
-    saturated fused voxels (y near 0 or 1) insensitive to their inputs. The function is exactly the
+    saturated fused voxels (y near 0 or 1) insensitive to their inputs. A model with the background
+    rule (``FusionINNConfig.clear_background``) has a constant y, so zero derivatives, where both
+    inputs are background. The function is exactly the
     one :class:`~FusionINNLib.core.engine.SliceEngine` evaluates, *including* its edge padding of the
     slice at the high end to the squeezes' multiple, so on the last row/column of an odd-sized slice
     the derivative also counts the padded replicas of that pixel (the chain rule through
@@ -250,8 +252,9 @@ def _fused_function(flow: FusionFlow, height: int, width: int, padded_height: in
         if pad_bottom or pad_right:
             x = F.pad(x, (0, pad_right, 0, pad_bottom), mode="replicate")
         u, _ = flow(x.contiguous(memory_format=memory_format))
-        u = u[:, 0, :height, :width]
-        return torch.sigmoid(u) if target == "fused" else u
+        # the fused image as the engine makes it (background rule included: 0 derivative there)
+        out = flow.fused_image(u, x) if target == "fused" else u
+        return out[:, 0, :height, :width]
 
     return fused
 
@@ -331,7 +334,7 @@ def compute_guidance(model: ModelLike, x1: np.ndarray, x2: np.ndarray, *, spacin
         # torch.func transforms ignore an outer no_grad: only dy/dx is built, never parameter grads.
         with torch.no_grad():
             y, pullback = torch.func.vjp(fused_fn, x)
-            fused_crop = torch.sigmoid(y) if target == "logit" else y
+            fused_crop = flow.fused_image(y.unsqueeze(1), x)[:, 0] if target == "logit" else y
             fused_out[start:stop, row0:row1, col0:col1] = fused_crop[:, wr0:wr1, wc0:wc1].cpu().numpy()
             batched_pullback = torch.vmap(pullback)
             for first in range(0, len(offsets), lattices_per_call):

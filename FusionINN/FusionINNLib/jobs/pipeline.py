@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
-from ..core.engine import CancelCheck, ProgressCallback, SliceEngine
+from ..core.engine import CancelCheck, ProgressCallback, SliceEngine, fill_cleared_background
 from ..core.errors import LatentMismatchError, ModelMismatchError, OptionError
 from ..core.normalization import (
     NORMALIZED_LIMIT,
@@ -319,15 +319,8 @@ def decompose_volume(fused: Volume, record: Optional[Dict[str, Any]] = None,
                               log=log)
         std = tuple(None if s is None else denormalize_std(s, p) for s, p in zip(std, params))
     if latent is None:
-        background = model.model.cleared_background(y)
-        if background is not None and params is not None and background.any():
-            # the fused image says "both sources are background" there: their recorded minimum,
-            # with no uncertainty (model.FusionINNConfig.clear_background)
-            for x, s, p in ((x1, std[0], params[0]), (x2, std[1], params[1])):
-                if p.minimum is not None:
-                    x[background] = p.minimum
-                    if s is not None:
-                        s[background] = 0.0
+        if params is not None:  # each source's recorded minimum (its background) where y says background
+            fill_cleared_background(model.model, y, (x1, x2), std, (params[0].minimum, params[1].minimum))
         bounds = [_plausible_range(None if params is None else params[i]) for i in range(2)]
         x1 = _clamp_sampled(x1, bounds[0], 1, notes, log)
         x2 = _clamp_sampled(x2, bounds[1], 2, notes, log)

@@ -63,7 +63,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.engine import Cancelled, SliceEngine, logit, select_device, tune_cpu_allocator
+from ..core.engine import Cancelled, SliceEngine, fill_cleared_background, logit, select_device, tune_cpu_allocator
 from ..core.losses import (
     DEFAULT_LATENT_LOSS,
     LATENT_LOSSES,
@@ -620,6 +620,7 @@ def evaluate_case(flow: FusionFlow, slices1: np.ndarray, slices2: np.ndarray, *,
     x2 = np.asarray(slices2, dtype=np.float32)
     fused = engine.fuse(x1, x2).fused
     d1, d2, _, _ = engine.decompose_sampled(fused, samples=samples, seed=seed, prior=prior)
+    fill_cleared_background(engine.model, fused, (d1, d2), (None, None), (float(x1.min()), float(x2.min())))
     # The fused image is in (0, 1): scored against the sources clipped to [0, 1], as trained.
     c1, c2 = np.clip(x1, 0.0, 1.0), np.clip(x2, 0.0, 1.0)
     values = {
