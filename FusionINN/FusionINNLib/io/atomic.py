@@ -10,7 +10,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -32,9 +32,13 @@ def temporary_sibling(path: PathLike) -> Path:
         # the error names the random temporary file, which means nothing to the user: name the folder
         reason = (error.strerror or type(error).__name__).lower()
         raise type(error)(error.errno, f"cannot create a file in this folder ({reason})", str(path.parent)) from None
-    os.close(handle)
-    # mkstemp creates 0600 files; give the final file the permissions a plain open() would.
-    os.chmod(name, 0o666 & ~_current_umask())
+    try:
+        os.close(handle)
+        # mkstemp creates 0600 files; give the final file the permissions a plain open() would.
+        os.chmod(name, 0o666 & ~_current_umask())
+    except BaseException:  # also a SIGTERM turned into an exception: leave no temporary file behind
+        Path(name).unlink(missing_ok=True)
+        raise
     return Path(name)
 
 
@@ -43,15 +47,21 @@ def atomic_file(path: PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to write; it replaces ``path`` when the block ends
     normally and is removed when the block raises (``path`` is then left as it was)."""
     path = Path(path)
-    temp = temporary_sibling(path)
+    temp: Optional[Path] = None
     try:
+        # created inside the try, so that a signal handler's exception right after the creation
+        # still removes it (a SIGTERM'd training run must not leave a hidden .tmp behind)
+        temp = temporary_sibling(path)
         yield temp
         os.replace(temp, path)
     except OSError as error:  # e.g. the disk filled up while writing: name the target, not the temp file
+        if temp is None:
+            raise
         temp.unlink(missing_ok=True)
         raise renamed_error(error, temp, path) from None
     except BaseException:
-        temp.unlink(missing_ok=True)
+        if temp is not None:
+            temp.unlink(missing_ok=True)
         raise
 
 
