@@ -4,7 +4,8 @@ Works on float32 numpy arrays already normalized to about [0, 1]; :mod:`FusionIN
 adds files, geometry and intensity units. Slices are taken along ``axis``, padded at the high end
 (edge values) to what the 2x2 squeezes need, batched, and cropped back.
 
-Exact inverse. ``fuse`` returns y = sigmoid(u) and, when asked, a *kept latent* of two channels on
+Exact inverse. ``fuse`` returns y = sigmoid(u) (flat where both inputs are background for a model
+with the background rule, ``FusionFlow.fused_image``) and, when asked, a *kept latent* of two channels on
 the padded grid: z and r = u - logit(y'), where y' is y clamped away from 0 and 1 and set to 0.5
 in the padding. Decomposition recomputes u = logit(y') + r, so it is exact even where the sigmoid
 saturates in float32 (u > 16.6 rounds y to 1.0) and in the padding, whose y is not stored.
