@@ -148,3 +148,33 @@ def test_adaptive_weights_favour_the_sharper_and_richer_source():
     flat = torch.full((2, 2, 16, 16), 0.5)
     ssim_flat, _ = L.adaptive_weights(flat)
     assert torch.allclose(ssim_flat, torch.full((2, 2), 0.5))
+
+
+def test_piella_loss_is_one_minus_the_q_p_metric_and_follows_the_source_with_structure():
+    import numpy as np
+    from scipy import ndimage
+
+    from FusionINNLib import metrics
+
+    rng = np.random.default_rng(3)
+    a = ndimage.gaussian_filter(rng.random((48, 64)), 2).astype(np.float32)
+    b = ndimage.gaussian_filter(rng.random((48, 64)), 1).astype(np.float32)
+    a[:16] = 0.0  # flat in source 1 only: there source 2 carries the structure
+    b[:, :8] = 0.0
+    sources = torch.from_numpy(np.stack([a, b]))[None]
+    for f in (0.6 * a + 0.4 * b, np.maximum(a, b), a):
+        fused = torch.from_numpy(f.astype(np.float32))[None, None]
+        loss = L.piella_loss(fused, sources)
+        assert math.isclose(1.0 - loss.item(), metrics.q_p(a, b, f, data_range=1.0), abs_tol=2e-5)
+    # The local weights follow the structure: a fused image that keeps source 2 where source 1 is
+    # flat beats one that keeps source 1 everywhere.
+    keep = torch.from_numpy(np.where(a == 0, b, a))[None, None]
+    assert L.piella_loss(keep, sources) < L.piella_loss(sources[:, :1], sources)
+    # differentiable in the fused image
+    fused = torch.from_numpy(0.5 * (a + b))[None, None].requires_grad_(True)
+    L.piella_loss(fused, sources).backward()
+    assert fused.grad is not None and torch.isfinite(fused.grad).all() and fused.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="11x11"):
+        L.piella_loss(torch.zeros(1, 1, 8, 8), torch.zeros(1, 2, 8, 8))
+    with pytest.raises(ValueError, match="need fused"):
+        L.piella_loss(torch.zeros(1, 2, 16, 16), torch.zeros(1, 2, 16, 16))

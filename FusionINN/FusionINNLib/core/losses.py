@@ -58,6 +58,16 @@ sources' differences (max-abs selection, sign kept), the edge target of many lea
 It also penalises 2×2 checkerboards (which have large differences in both directions where the
 sources are flat), the artefact of a flow built on 2×2 squeezes.
 
+Local-weight term, ``piella_loss``: the fixed-weight SSIM term asks for the same similarity to both
+sources in every window, whereas in a window where only one source has structure (an enhancing rim
+in T1-Gd, oedema in FLAIR) that source is the one to keep. Piella & Heijmans' index (ICIP 2003, the
+Q_P of ``metrics.q_p``) weights each window by the sources' local variances; as a loss::
+
+    λ_w = σ²_{x₁,w} / (σ²_{x₁,w} + σ²_{x₂,w})        (0.5 in windows flat in both sources)
+    L_P = 1 − mean_w [λ_w SSIM_w(y, x₁) + (1 − λ_w) SSIM_w(y, x₂)]
+
+over all valid 11×11 Gaussian windows (σ = 1.5), the same windows and constants as ``per_image_ssim``.
+
 MMIF-AMIN adaptive weights (Luo & Xu): instead of hand-set modality weights, per image pair
 w_k = AG(x_k) / Σ_j AG(x_j) for the SSIM terms and v_k = EN(x_k) / Σ_j EN(x_j) for the ℓ2 terms,
 where AG is the average gradient and EN the Shannon entropy (see the functions below). The weights
@@ -70,11 +80,16 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from pytorch_msssim import ssim as _msssim_ssim
+from pytorch_msssim.ssim import _fspecial_gauss_1d, gaussian_filter
 
 from .choices import DEFAULT_LATENT_LOSS, LATENT_LOSSES, PRIORS  # noqa: F401 - defined once, re-exported
 
 REFERENCE_MMD_WIDTHS = (0.05, 0.2, 0.9)
 SSIM_DATA_RANGE = 1.0
+SSIM_WINDOW = (11, 1.5)  # Gaussian window (taps, σ) of pytorch_msssim's defaults, used by piella_loss too
+# A window is flat in both sources below this total variance (data range 1): λ = 0.5 there, as
+# metrics.q_p, because rounding noise over noise would make the weight arbitrary.
+PIELLA_FLAT_VARIANCE = 1e-10
 ENTROPY_BINS = 256
 
 Weights = Union[Sequence[float], torch.Tensor]
@@ -304,6 +319,35 @@ def gradient_loss(fused: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
         target_x, target_y = max_abs_gradient_target(sources)
     fused_x, fused_y = _differences(fused.float())
     return 0.5 * ((fused_x - target_x).abs().mean() + (fused_y - target_y).abs().mean())
+
+
+def piella_loss(fused: torch.Tensor, sources: torch.Tensor, data_range: float = SSIM_DATA_RANGE) -> torch.Tensor:
+    """L_P = 1 − Q_P(y; x₁, x₂), averaged over the batch: Piella & Heijmans' variance-weighted local
+    SSIM (see the module docstring); ``1 − piella_loss`` equals ``metrics.q_p`` on one image pair.
+    ``fused`` is (B, 1, H, W) and ``sources`` (B, 2, H, W), both at least 11×11. Float32 always (the
+    variances lose all precision in float16)."""
+    if fused.ndim != 4 or fused.shape[1] != 1 or sources.ndim != 4 or sources.shape[1] != 2 \
+            or fused.shape[2:] != sources.shape[2:]:
+        raise ValueError(f"need fused (B, 1, H, W) and sources (B, 2, H, W) of one size, got "
+                         f"{tuple(fused.shape)} and {tuple(sources.shape)}")
+    size, sigma = SSIM_WINDOW
+    if min(fused.shape[-2:]) < size:
+        raise ValueError(f"Q_P needs images of at least {size}x{size} pixels, got {tuple(fused.shape[-2:])}")
+    a, b, f = sources[:, :1].float(), sources[:, 1:].float(), fused.float()
+    stack = torch.cat([a, b, f, a * a, b * b, f * f, a * f, b * f], dim=1)
+    window = _fspecial_gauss_1d(size, sigma).to(stack.device).repeat(stack.shape[1], 1, 1, 1)
+    mu_a, mu_b, mu_f, aa, bb, ff, af, bf = gaussian_filter(stack, window).unbind(dim=1)
+    var_a, var_b, var_f = [(m2 - m * m).clamp_min(0.0) for m2, m in ((aa, mu_a), (bb, mu_b), (ff, mu_f))]
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+
+    def ssim_map(mu_s: torch.Tensor, var_s: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+        return ((2 * mu_f * mu_s + c1) * (2 * cov + c2)) / ((mu_f * mu_f + mu_s * mu_s + c1) * (var_f + var_s + c2))
+
+    total = var_a + var_b
+    flat = total < PIELLA_FLAT_VARIANCE * data_range * data_range
+    weight_a = torch.where(flat, torch.full_like(total, 0.5), var_a / torch.where(flat, torch.ones_like(total), total))
+    q = weight_a * ssim_map(mu_a, var_a, af - mu_a * mu_f) + (1 - weight_a) * ssim_map(mu_b, var_b, bf - mu_b * mu_f)
+    return 1.0 - q.mean()
 
 
 # -- MMIF-AMIN adaptive modality weights -----------------------------------------------------------

@@ -237,6 +237,12 @@ OPTIONS: Tuple[TrainOption, ...] = (
       "advanced", minimum=0.0, metavar="G", xml_default="0.00",
       description="Weight of the edge term inside the fusion loss (L1 between the fused image's finite differences "
                   "and the stronger source's); 0 is the paper's loss."),
+    _O("piella_weight", "piella-weight", "float", 0.0,
+      "weight of the local-weight term inside the fusion loss: 1 - Piella's Q_P, SSIM to each source weighted "
+      "per 11x11 window by the sources' local variances (default: 0 = the paper; the bundled model: see "
+      "docs/models.md)", "Local-weight loss weight", "advanced", minimum=0.0, metavar="P", xml_default="0.00",
+      description="Weight of the local-weight term inside the fusion loss (1 - Q_P: SSIM to each source weighted "
+                  "per window by the sources' local variances); 0 is the paper's loss."),
     _O("modality_weights", "modality-weights", "pair_float", (0.5, 0.5),
       "per-modality weights of the SSIM and L2 terms (default: 0.5 0.5)", "Modality weights", "advanced",
       minimum=0.0, metavar=("W1", "W2"), xml_default="0.5,0.5",
