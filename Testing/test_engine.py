@@ -1,12 +1,14 @@
 """Slice engine: exact inverse (also where the sigmoid saturates), sampling, batching, OOM, cancel."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from FusionINNLib.core.engine import Cancelled, SliceEngine, logit, select_device
-from FusionINNLib.core.model import FusionFlow, FusionINNConfig
+from FusionINNLib.core.engine import Cancelled, SliceEngine, select_device
+from FusionINNLib.core.model import FusionFlow, FusionINNConfig, logit
 
 
 def saturating_model(seed: int = 0) -> FusionFlow:
@@ -193,7 +195,7 @@ def brain_with_background(shape=(2, 48, 48), seed=5):
 
 
 def test_clear_background_makes_the_fused_background_flat_and_still_inverts_exactly():
-    from FusionINNLib.core.model import FUSED_BACKGROUND
+    from FusionINNLib.core.model import BACKGROUND_U, FUSED_BACKGROUND
 
     x1, x2, outside = brain_with_background()
     plain = SliceEngine(FusionFlow(FusionINNConfig(padding_mode="replicate"), seed=1), "cpu")
@@ -209,6 +211,11 @@ def test_clear_background_makes_the_fused_background_flat_and_still_inverts_exac
     assert np.array_equal(result.fused[:, ~both], raw.fused[:, ~both])
     d1, d2 = cleared.decompose_exact(result.fused, result.latent)
     assert np.abs(d1 - x1).max() <= 1e-4 and np.abs(d2 - x2).max() <= 1e-4
-    # a sampled decomposition reads the flat background as u = logit(FUSED_BACKGROUND) everywhere there
+    # exactly the sources' clipped background level, so the image is flat against zero padding too
+    assert FUSED_BACKGROUND == 0.0 and np.all(np.clip(x1[:, both], 0, 1) == 0)
+    # the inverse flow reads the cleared background as the finite u the model was trained with
+    u_in = cleared.model.inverse_input(torch.from_numpy(result.fused))
+    assert torch.all(u_in[:, both] == BACKGROUND_U) and math.isclose(BACKGROUND_U, math.log(1e-4 / (1 - 1e-4)))
+    assert torch.equal(u_in[:, ~both], logit(torch.from_numpy(result.fused[:, ~both])))
     s1, _, _, _ = cleared.decompose_sampled(result.fused, samples=1, seed=0)
     assert np.isfinite(s1).all()

@@ -336,8 +336,7 @@ def test_run_paths_and_training_data_are_units_of_their_own(data_dir, tmp_path):
 
 
 def test_training_step_decomposes_the_cleared_fused_image():
-    from FusionINNLib.core.engine import logit
-    from FusionINNLib.core.model import FUSED_BACKGROUND, FusionFlow, FusionINNConfig
+    from FusionINNLib.core.model import BACKGROUND_U, FUSED_BACKGROUND, FusionFlow, FusionINNConfig, logit
     from FusionINNLib.train.training import FlowTrainingStep
 
     flow = FusionFlow(FusionINNConfig(clear_background=True), seed=0)
@@ -350,6 +349,8 @@ def test_training_step_decomposes_the_cleared_fused_image():
     assert torch.equal(y[:, :, 8:], torch.sigmoid(u)[:, :, 8:])
     # the decomposition is the one inference computes from the cleared image alone, with each
     # source's background value where y says background
-    inverse = flow.inverse(logit(y), z)
+    u_in = logit(y).masked_fill(y == FUSED_BACKGROUND, BACKGROUND_U)
+    assert torch.equal(flow.inverse_input(y), u_in)
+    inverse = flow.inverse(u_in, z)
     assert torch.allclose(x_hat[:, :, 8:], inverse[:, :, 8:])
     assert torch.all(x_hat[:, :, :8] == -0.1)

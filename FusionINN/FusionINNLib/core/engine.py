@@ -6,9 +6,11 @@ adds files, geometry and intensity units. Slices are taken along ``axis``, padde
 
 Exact inverse. ``fuse`` returns y = sigmoid(u) (flat where both inputs are background for a model
 with the background rule, ``FusionFlow.fused_image``) and, when asked, a *kept latent* of two channels on
-the padded grid: z and r = u - logit(y'), where y' is y clamped away from 0 and 1 and set to 0.5
-in the padding. Decomposition recomputes u = logit(y') + r, so it is exact even where the sigmoid
-saturates in float32 (u > 16.6 rounds y to 1.0) and in the padding, whose y is not stored.
+the padded grid: z and r = u - g(y'), where y' is y set to 0.5 in the padding and g is
+``FusionFlow.inverse_input`` (logit with y clamped away from 0 and 1; a constant where the
+background rule cleared y). Decomposition recomputes u = g(y') + r, so it is exact even where the
+sigmoid saturates in float32 (u > 16.6 rounds y to 1.0), over a cleared background and in the
+padding, whose y is not stored.
 """
 from __future__ import annotations
 
@@ -31,7 +33,6 @@ from .process import process_tuning_allowed
 # batch x height x width; capping their product keeps a 512x512x400 volume within its memory budget
 # (docs/robustness.md) and costs no speed, since 2 slices of 512x512 are as many pixels as 8 of 256x256.
 CPU_BATCH_PIXELS = 8 * 256 * 256
-LOGIT_EPS = 1e-7
 ProgressCallback = Callable[[float], None]
 CancelCheck = Callable[[], bool]
 
@@ -107,11 +108,6 @@ def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, getattr(torch.cuda, "OutOfMemoryError", ())):
         return True
     return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
-
-
-def logit(y: torch.Tensor) -> torch.Tensor:
-    y = y.clamp(LOGIT_EPS, 1.0 - LOGIT_EPS)
-    return torch.log(y) - torch.log1p(-y)
 
 
 def padded_size(size: int, multiple: int) -> int:
@@ -244,8 +240,8 @@ class SliceEngine:
                 y_kept = torch.full_like(y, 0.5)
                 y_kept[:, :, :height, :width] = y[:, :, :height, :width]
                 latent[0, start:stop] = z[:, 0].cpu().numpy()
-                # float64 so that u = logit(y') + r round-trips to u's own float32 precision
-                residual = u.double() - logit(y_kept.double())
+                # float64 so that u = g(y') + r round-trips to u's own float32 precision
+                residual = u.double() - self.model.inverse_input(y_kept.double())
                 latent[1, start:stop] = residual[:, 0].float().cpu().numpy()
 
         self._batches(count, work, hp * wp)
@@ -262,11 +258,9 @@ class SliceEngine:
         return x
 
     def _reverse_input(self, y: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
-        if self.model.config.reverse_input == "sigmoid":
-            return y  # the authors' scheme: feed the fused image itself
-        if residual is None:
-            return logit(y)
-        return (logit(y.double()) + residual.double()).float()
+        if residual is None or self.model.config.reverse_input == "sigmoid":
+            return self.model.inverse_input(y)
+        return (self.model.inverse_input(y.double()) + residual.double()).float()
 
     def decompose_exact(self, fused: np.ndarray, latent: np.ndarray, axis: int = 0
                         ) -> Tuple[np.ndarray, np.ndarray]:

@@ -14,6 +14,7 @@ exactly the reference's placement (down before block 2, up before block 3).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import List, Optional, Tuple
 
@@ -22,11 +23,23 @@ import torch
 from torch import nn
 
 REVERSE_INPUTS = ("logit", "sigmoid")
-# The fused value where both sources are background (``FusionINNConfig.clear_background``): flat and
-# far below anything visible (1e-4 of the robust intensity range), with a finite logit (−9.2) inside
-# the range of u the flow itself produces over background (measured 1e-5..2e-4).
-FUSED_BACKGROUND = 1e-4
+# The fused value where both sources are background (``FusionINNConfig.clear_background``): exactly
+# the sources' own normalized background level (clipped to y's range [0, 1]). Any other constant is
+# flat too, but not against the zero padding that edge metrics use at the image border: 1e-4 there
+# cost Q_XY 0.016 on the one-pixel border ring alone (docs/models.md).
+FUSED_BACKGROUND = 0.0
+# What the inverse flow reads where the fused image is FUSED_BACKGROUND: the finite u = logit(1e-4)
+# (−9.21), inside the range the flow itself produces over background (measured y = 1e-5..2e-4), which
+# is what the bundled model was trained with (its fused background was 1e-4 then).
+BACKGROUND_U = math.log(1e-4) - math.log1p(-1e-4)
+LOGIT_EPS = 1e-7  # logit clamps y to [ε, 1 − ε]: finite where σ(u) rounded to 0 or 1 in float32
 PADDING_MODES = ("zeros", "replicate")
+
+
+def logit(y: torch.Tensor) -> torch.Tensor:
+    """log(y / (1 − y)) with y clamped to [LOGIT_EPS, 1 − LOGIT_EPS]."""
+    y = y.clamp(LOGIT_EPS, 1.0 - LOGIT_EPS)
+    return torch.log(y) - torch.log1p(-y)
 
 
 @dataclass(frozen=True)
@@ -220,11 +233,21 @@ class FusionFlow(nn.Module):
 
     def cleared_background(self, y):
         """Where the fused image y (tensor or array) says "both sources are background": the voxels
-        that the background rule set (None for a model without the rule). σ(u) never equals
-        FUSED_BACKGROUND by chance in practice: that needs u = −9.2103 to float32 precision."""
+        that the background rule set (None for a model without the rule). σ(u) is never 0 by chance:
+        in float32 that needs u < −103, and the flow's u stays within about ±17."""
         if not self.config.clear_background:
             return None
         return y == (FUSED_BACKGROUND if isinstance(y, torch.Tensor) else np.float32(FUSED_BACKGROUND))
+
+    def inverse_input(self, y: torch.Tensor) -> torch.Tensor:
+        """What the inverse flow reads for the fused image y: logit(y), and BACKGROUND_U where the
+        background rule cleared y (y itself for the authors' ``reverse_input="sigmoid"``). The one
+        definition used by training, fusion's kept residual and both decompositions."""
+        if self.config.reverse_input == "sigmoid":
+            return y
+        u = logit(y)
+        background = self.cleared_background(y)
+        return u if background is None else u.masked_fill(background, BACKGROUND_U)
 
     def inverse(self, u: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         x, _ = self.graph([u, z], rev=True, jac=False)

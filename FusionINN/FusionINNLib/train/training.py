@@ -63,7 +63,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.engine import Cancelled, SliceEngine, fill_cleared_background, logit, select_device, tune_cpu_allocator
+from ..core.engine import Cancelled, SliceEngine, fill_cleared_background, select_device, tune_cpu_allocator
 from ..core.losses import (
     DEFAULT_LATENT_LOSS,
     LATENT_LOSSES,
@@ -547,10 +547,9 @@ class FlowTrainingStep(nn.Module):
     def forward(self, x: torch.Tensor, z_fresh: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         u, z = self.flow(x)
         y = self.flow.fused_image(u, x)
+        x_hat = self.flow.inverse(self.flow.inverse_input(y), z_fresh)
         if self.flow.config.reverse_input == "sigmoid":
-            x_hat = torch.sigmoid(self.flow.inverse(y, z_fresh))
-        else:
-            x_hat = self.flow.inverse(logit(y), z_fresh)
+            x_hat = torch.sigmoid(x_hat)
         background = self.flow.cleared_background(y)
         if background is not None:
             # as the sampled decomposition at inference: each source's background value (its
@@ -964,7 +963,8 @@ class _Trainer:
                            + c.latent_weight * latent) \
             + (1.0 - c.alpha) * dec.total
         return {"loss": total, "fusion": fusion.total, "fusion_ssim": fusion.ssim, "fusion_l2": fusion.l2,
-                "fusion_grad": grad, "fusion_piella": piella, "latent": latent, "dec": dec.total, "dec_ssim": dec.ssim, "dec_l2": dec.l2}
+                "fusion_grad": grad, "fusion_piella": piella, "latent": latent, "dec": dec.total,
+                "dec_ssim": dec.ssim, "dec_l2": dec.l2}
 
     def _generators(self, *parts: int) -> Tuple[torch.Generator, torch.Generator]:
         z_generator = torch.Generator(device=self.device) if self.device.type != "mps" else torch.Generator()
