@@ -76,8 +76,8 @@ def test_every_training_config_field_is_an_option_or_named_as_not_exposed():
         default = tuple(option.default) if isinstance(option.default, (list, tuple)) else option.default
         assert default == expected, f"{option.flag}: table default {option.default!r}, TrainingConfig {expected!r}"
     # the lead's newest options are in the table, in both front ends
-    for flag in ("gradient-weight", "piella-weight", "diagonal-weight", "init-model", "max-train-slices",
-                 "latent-weight", "modality-weights", "adaptive-weights", "subnet-final-relu", "num-workers"):
+    for flag in ("gradient-weight", "piella-weight", "init-model", "max-train-slices", "latent-weight",
+                 "modality-weights", "adaptive-weights", "subnet-final-relu", "num-workers"):
         assert flag in table.by_flag() and table.by_flag()[flag].slicer
 
 
@@ -109,7 +109,7 @@ SETTINGS = {  # flag -> (fusioninn train value(s), Slicer value)
     "epochs": ("7", "7"), "batch-size": ("4", "4"), "learning-rate": ("0.002", "0.002"),
     "lambda-ssim": ("0.7", "0.7"), "alpha": ("0.4", "0.4"), "blocks": ("2", "2"), "prior": ("uniform", "uniform"),
     "latent-loss": ("moments", "moments"), "latent-weight": ("0.3", "0.3"), "gradient-weight": ("0.25", "0.25"),
-    "piella-weight": ("0.5", "0.5"), "diagonal-weight": ("4", "4"),
+    "piella-weight": ("0.5", "0.5"),
     "modality-weights": (["0.7", "0.3"], "0.7,0.3"), "validation-fraction": ("0.5", "0.5"), "seed": ("5", "5"),
     "max-cases": ("3", "3"), "max-train-slices": ("9", "9"), "max-validation-slices": ("4", "4"),
     "crop-size": ("32", "32"), "intensity-jitter": ("0.1", "0.1"), "grad-clip": ("2.5", "2.5"),
@@ -136,7 +136,7 @@ def test_both_command_lines_make_the_same_training_config(script):
     namespace = script.build_parser().parse_args(slicer_args + ["/data", "/m/out.pt"])
     from_slicer = script.training_config(namespace, training)
     assert from_slicer.to_dict() == from_cli.to_dict()
-    assert from_cli.gradient_weight == 0.25 and from_cli.piella_weight == 0.5 and from_cli.diagonal_weight == 4
+    assert from_cli.gradient_weight == 0.25 and from_cli.piella_weight == 0.5
     assert from_cli.init_model == "/m/init.pt" and from_cli.max_train_slices == 9
     assert from_cli.modality_weights == (0.7, 0.3) and from_cli.adaptive_weights and from_cli.subnet_final_relu
     # Slicer's "0 = not set" reaches the config as None, like an omitted fusioninn train option
@@ -149,7 +149,7 @@ def test_both_command_lines_make_the_same_training_config(script):
 @pytest.mark.parametrize("flag, value", [("blocks", "7"), ("lambda-ssim", "1.5"), ("validation-fraction", "0.95"),
                                          ("learning-rate", "0"), ("intensity-jitter", "0.6"), ("epochs", "0"),
                                          ("gradient-weight", "-1"), ("piella-weight", "-0.5"),
-                                         ("diagonal-weight", "-3"), ("max-train-slices", "-2")])
+                                         ("max-train-slices", "-2")])
 def test_one_bound_per_option_in_both_command_lines(script, flag, value, capsys):
     with pytest.raises(SystemExit):
         train_parser().parse_args(["d", "-o", "m.pt", "--" + flag, value])

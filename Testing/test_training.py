@@ -58,8 +58,8 @@ def _read_tsv(path: Path):
 
 def test_one_epoch_writes_model_tables_schemas_and_plot_with_a_subject_split(data_dir, tmp_path):
     progress, messages = [], []
-    result = train(_config(data_dir, tmp_path / "run", piella_weight=0.5, diagonal_weight=2.0),
-                   progress=lambda f, m: progress.append(f), log=messages.append)
+    result = train(_config(data_dir, tmp_path / "run", piella_weight=0.5), progress=lambda f, m: progress.append(f),
+                   log=messages.append)
     run_dir = tmp_path / "run" / "model_run"
     assert result.run_dir == run_dir and result.best_epoch == 1 and result.epochs_run == 1
 
@@ -84,7 +84,6 @@ def test_one_epoch_writes_model_tables_schemas_and_plot_with_a_subject_split(dat
                    "seconds"):
         assert math.isfinite(float(history[0][column])), column
     assert 0.0 < float(history[0]["train_fusion_piella"]) < 1.0  # the local-weight term ran (1 - Q_P)
-    assert 0.0 < float(history[0]["train_fusion_diag"]) < 1.0  # and the diagonal-detail term
     schema = {row["columnName"]: row["type"] for row in _read_tsv(training.schema_path(result.history_path))}
     assert schema["epoch"] == "int" and schema["val_loss"] == "double" and list(schema) == list(history[0])
 
@@ -210,8 +209,6 @@ def test_invalid_settings_and_cancel(data_dir, tmp_path):
         train(_config(data_dir, tmp_path, alpha=1.5))
     with pytest.raises(ValueError, match="piella_weight"):
         train(_config(data_dir, tmp_path, piella_weight=-1.0))
-    with pytest.raises(ValueError, match="diagonal_weight"):
-        train(_config(data_dir, tmp_path, diagonal_weight=float("nan")))
     with pytest.raises(ValueError, match="crop_size"):
         train(_config(data_dir, tmp_path, crop_size=17))
     with pytest.raises(ValueError, match="latent loss"):
