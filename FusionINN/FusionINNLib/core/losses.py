@@ -58,14 +58,6 @@ sources' differences (max-abs selection, sign kept), the edge target of many lea
 It also penalises 2×2 checkerboards (which have large differences in both directions where the
 sources are flat), the artefact of a flow built on 2×2 squeezes.
 
-Diagonal-detail term, ``diagonal_loss``: the 2×2 squeezes give the flow a channel the other terms
-barely see, the diagonal Haar detail D = (a − b − c + d)/2 of each aligned 2×2 block [[a, b], [c, d]]
-(the squeeze grid; ``metrics.artefacts.haar_details``): a flow can hide what the sampled
-decomposition needs in a faint checkerboard there. The term asks D of the fused image to match the
-stronger source's D (max-abs selection, as the gradient term)::
-
-    L_D = mean_blocks |D(y) − D(x_{k*})|,  k* = argmax_k |D(x_k)|
-
 Local-weight term, ``piella_loss``: the fixed-weight SSIM term asks for the same similarity to both
 sources in every window, whereas in a window where only one source has structure (an enhancing rim
 in T1-Gd, oedema in FLAIR) that source is the one to keep. Piella & Heijmans' index (ICIP 2003, the
@@ -327,25 +319,6 @@ def gradient_loss(fused: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
         target_x, target_y = max_abs_gradient_target(sources)
     fused_x, fused_y = _differences(fused.float())
     return 0.5 * ((fused_x - target_x).abs().mean() + (fused_y - target_y).abs().mean())
-
-
-def _diagonal_detail(images: torch.Tensor) -> torch.Tensor:
-    """D = (a − b − c + d)/2 of each aligned 2×2 block (an odd last row or column dropped)."""
-    rows, cols = (images.shape[-2] // 2) * 2, (images.shape[-1] // 2) * 2
-    x = images[..., :rows, :cols]
-    return (x[..., 0::2, 0::2] - x[..., 0::2, 1::2] - x[..., 1::2, 0::2] + x[..., 1::2, 1::2]) / 2
-
-
-def diagonal_loss(fused: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
-    """L_D = mean |D(y) − D*|: ℓ1 distance between the fused image's diagonal Haar details on the
-    squeeze grid and the max-abs details of the two sources (see the module docstring)."""
-    if fused.ndim != 4 or fused.shape[1] != 1 or sources.ndim != 4 or sources.shape[1] != 2:
-        raise ValueError(f"need fused (B, 1, H, W) and sources (B, 2, H, W), got {tuple(fused.shape)} "
-                         f"and {tuple(sources.shape)}")
-    with torch.no_grad():
-        d = _diagonal_detail(sources.float())
-        target = torch.where(d[:, 1:2].abs() > d[:, 0:1].abs(), d[:, 1:2], d[:, 0:1])
-    return (_diagonal_detail(fused.float()) - target).abs().mean()
 
 
 def piella_loss(fused: torch.Tensor, sources: torch.Tensor, data_range: float = SSIM_DATA_RANGE) -> torch.Tensor:

@@ -237,13 +237,6 @@ OPTIONS: Tuple[TrainOption, ...] = (
       "advanced", minimum=0.0, metavar="G", xml_default="0.00",
       description="Weight of the edge term inside the fusion loss (L1 between the fused image's finite differences "
                   "and the stronger source's); 0 is the paper's loss."),
-    _O("diagonal_weight", "diagonal-weight", "float", 0.0,
-      "weight of the diagonal-detail term inside the fusion loss: L1 between the fused image's diagonal 2x2 Haar "
-      "details on the squeeze grid and the stronger source's (no hidden checkerboard; default: 0 = the paper; the "
-      "bundled model: see docs/models.md)", "Diagonal-detail loss weight", "advanced", minimum=0.0, metavar="D",
-      xml_default="0.00",
-      description="Weight of the diagonal-detail term inside the fusion loss (L1 between the fused image's diagonal "
-                  "2x2 Haar details and the stronger source's); 0 is the paper's loss."),
     _O("piella_weight", "piella-weight", "float", 0.0,
       "weight of the local-weight term inside the fusion loss: 1 - Piella's Q_P, SSIM to each source weighted "
       "per 11x11 window by the sources' local variances (default: 0 = the paper; the bundled model: see "

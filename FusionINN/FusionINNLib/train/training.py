@@ -70,7 +70,6 @@ from ..core.losses import (
     PRIORS,
     adaptive_weights,
     decomposition_loss,
-    diagonal_loss,
     fusion_loss,
     gradient_loss,
     latent_loss,
@@ -94,8 +93,8 @@ CancelFn = Callable[[], bool]
 DEFAULT_LABELS = "2,1|3"  # oedema AND (necrosis OR non-enhancing tumour): the paper's slices
 BRAIN_LABELS = ("brain", "none", "")  # spellings of "no label rule: brain-content slices"
 MIN_FREE_BYTES = 64 * 1024 * 1024
-LOSS_PARTS = ("loss", "fusion", "fusion_ssim", "fusion_l2", "fusion_grad", "fusion_diag", "fusion_piella", "latent",
-              "dec", "dec_ssim", "dec_l2")
+LOSS_PARTS = ("loss", "fusion", "fusion_ssim", "fusion_l2", "fusion_grad", "fusion_piella", "latent", "dec", "dec_ssim",
+              "dec_l2")
 # Fusion targets are clipped to [m, 1 − m] (see _Trainer._losses), which keeps |u| <= logit(1 − m) ≈ 6.9.
 FUSION_TARGET_MARGIN = 1e-3
 
@@ -166,10 +165,6 @@ class TrainingConfig:
     # Weight of Piella's variance-weighted local SSIM term (losses.piella_loss, 1 − Q_P) inside the
     # fusion loss: in each window the source with the structure counts most. 0 = the paper.
     piella_weight: float = 0.0
-    # Weight of the diagonal-detail term (losses.diagonal_loss) inside the fusion loss: the fused
-    # image's diagonal 2×2 Haar details follow the stronger source's, so that no checkerboard can
-    # carry information for the decomposition. 0 = the paper.
-    diagonal_weight: float = 0.0
     # Start from this model's weights instead of a fresh initialisation (fine-tuning, e.g. whole
     # slices after crops); its architecture must match the run's.
     init_model: Optional[str] = None
@@ -215,7 +210,7 @@ class TrainingConfig:
             raise ValueError(f"unknown latent loss {self.latent_loss!r}; choose one of {', '.join(LATENT_LOSSES)}")
         if not (math.isfinite(self.latent_weight) and self.latent_weight >= 0):
             raise ValueError(f"latent_weight must be >= 0, got {self.latent_weight}")
-        for name in ("gradient_weight", "diagonal_weight", "piella_weight"):
+        for name in ("gradient_weight", "piella_weight"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be >= 0, got {value}")
@@ -960,16 +955,15 @@ class _Trainer:
         targets = x.clamp(FUSION_TARGET_MARGIN, 1.0 - FUSION_TARGET_MARGIN)
         fusion = fusion_loss(y, targets, c.lam, ssim_w, l2_w)
         grad = gradient_loss(y, targets) if c.gradient_weight > 0 else x.new_zeros(())
-        diag = diagonal_loss(y, targets) if c.diagonal_weight > 0 else x.new_zeros(())
         piella = piella_loss(y, targets) if c.piella_weight > 0 else x.new_zeros(())
         dec = decomposition_loss(x_hat.float(), x, c.lam, c.modality_weights)
         latent = latent_loss(c.latent_loss, z.float(), c.prior, latent_generator) \
             if c.latent_loss != "none" else x.new_zeros(())
-        total = c.alpha * (fusion.total + c.gradient_weight * grad + c.diagonal_weight * diag
-                           + c.piella_weight * piella + c.latent_weight * latent) \
+        total = c.alpha * (fusion.total + c.gradient_weight * grad + c.piella_weight * piella
+                           + c.latent_weight * latent) \
             + (1.0 - c.alpha) * dec.total
         return {"loss": total, "fusion": fusion.total, "fusion_ssim": fusion.ssim, "fusion_l2": fusion.l2,
-                "fusion_grad": grad, "fusion_diag": diag, "fusion_piella": piella, "latent": latent, "dec": dec.total,
+                "fusion_grad": grad, "fusion_piella": piella, "latent": latent, "dec": dec.total,
                 "dec_ssim": dec.ssim, "dec_l2": dec.l2}
 
     def _generators(self, *parts: int) -> Tuple[torch.Generator, torch.Generator]:
