@@ -15,8 +15,10 @@ adaptive MMIF-AMIN weights only apply to fusion, because both sources must be re
 
     L_dec = λ Σ_k w_k (1 − SSIM(x̂_k, x_k)) + (1 − λ) Σ_k w_k ‖x̂_k − x_k‖²
 
-Total: ``L = α (L_fusion + β L_latent) + (1 − α) L_dec`` (α = 0.5; β = 1 is the paper's, the
-training default is β = 0.1 with ``pixel_mmd``, chosen by measurement, see ``docs/training.md``).
+Total: ``L = α (L_fusion + γ L_grad + δ L_P + β L_latent) + (1 − α) L_dec`` (α = 0.5; β = 1 is
+the paper's, the training default is β = 0.1 with ``pixel_mmd``, chosen by measurement, see
+``docs/training.md``; the edge and local-weight terms below are off by default, γ = δ = 0, and the
+bundled model's values are in ``docs/models.md``).
 
 SSIM is Wang et al. (2004) with an 11-tap Gaussian window (σ = 1.5), K₁ = 0.01, K₂ = 0.03 and
 data range 1, computed per image by ``pytorch_msssim`` over the valid window positions.
