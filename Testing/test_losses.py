@@ -166,6 +166,13 @@ def test_piella_loss_is_one_minus_the_q_p_metric_and_follows_the_source_with_str
         fused = torch.from_numpy(f.astype(np.float32))[None, None]
         loss = L.piella_loss(fused, sources)
         assert math.isclose(1.0 - loss.item(), metrics.q_p(a, b, f, data_range=1.0), abs_tol=2e-5)
+    # with two equal sources it is plain SSIM: pytorch-msssim's window, constants and valid positions
+    from pytorch_msssim import ssim
+
+    twin = torch.from_numpy(np.stack([a, a]))[None]
+    fused = torch.from_numpy((0.7 * a + 0.3 * b).astype(np.float32))[None, None]
+    assert math.isclose(1.0 - L.piella_loss(fused, twin).item(), ssim(fused, twin[:, :1], data_range=1.0).item(),
+                        abs_tol=1e-5)
     # The local weights follow the structure: a fused image that keeps source 2 where source 1 is
     # flat beats one that keeps source 1 everywhere.
     keep = torch.from_numpy(np.where(a == 0, b, a))[None, None]

@@ -27,13 +27,14 @@
 #   local SSIM term (--piella-weight PIELLA_WEIGHT5, default 2) and alpha ALPHA5 (default 0.4, more
 #   weight on the decomposition), EPOCHS5 epochs (default 4): full-image Q_P above the mean's and the
 #   sampled decomposition back above phase 3's level on average (docs/models.md).
-# The epoch with the lowest validation loss of each phase is kept. CPU, seed 0 (the bundled model: phase 1
-# with one thread beside a second run, phases 2 and 3 with OMP_NUM_THREADS=2).
+# The epoch with the lowest validation loss of each phase is kept. CPU, seed 0 (the bundled model: phases 1
+# and 5 with one thread beside a second run, phases 2 and 3 with OMP_NUM_THREADS=2).
 # Times on the shared 2-core machine are in docs/models.md.
 #
 # Usage: scripts/train_default_model.sh [DATA [OUTPUT.pt]]
-#        (environment: RUN_ROOT (default: a temporary folder), EPOCHS1, EPOCHS2, EPOCHS3, EPOCHS4, MAX_SLICES2,
-#         EPOCHS5, GRADIENT_WEIGHT, GRADIENT_WEIGHT4, PIELLA_WEIGHT5, ALPHA5, PYTHON; an interrupted phase continues with RESUME=1 and the same RUN_ROOT)
+#        (environment: RUN_ROOT (default: a temporary folder), EPOCHS1 ... EPOCHS5, MAX_SLICES2,
+#         GRADIENT_WEIGHT, GRADIENT_WEIGHT4, PIELLA_WEIGHT5, ALPHA5, PYTHON; an interrupted phase continues
+#         with RESUME=1 and the same RUN_ROOT)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${1:-../shared/data/brats}"

@@ -81,8 +81,8 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from pytorch_msssim import ssim as _msssim_ssim
-from pytorch_msssim.ssim import _fspecial_gauss_1d, gaussian_filter
 
 from .choices import DEFAULT_LATENT_LOSS, LATENT_LOSSES, PRIORS  # noqa: F401 - defined once, re-exported
 
@@ -337,8 +337,13 @@ def piella_loss(fused: torch.Tensor, sources: torch.Tensor, data_range: float = 
         raise ValueError(f"Q_P needs images of at least {size}x{size} pixels, got {tuple(fused.shape[-2:])}")
     a, b, f = sources[:, :1].float(), sources[:, 1:].float(), fused.float()
     stack = torch.cat([a, b, f, a * a, b * b, f * f, a * f, b * f], dim=1)
-    window = _fspecial_gauss_1d(size, sigma).to(stack.device).repeat(stack.shape[1], 1, 1, 1)
-    mu_a, mu_b, mu_f, aa, bb, ff, af, bf = gaussian_filter(stack, window).unbind(dim=1)
+    # pytorch_msssim's window (its public API returns only the mean SSIM, not the local maps):
+    # normalised 1-D Gaussian, applied along rows and columns over the valid positions only
+    taps = torch.arange(size, dtype=torch.float32, device=stack.device) - size // 2
+    gauss = torch.exp(-taps ** 2 / (2 * sigma ** 2))
+    gauss = (gauss / gauss.sum()).repeat(stack.shape[1], 1, 1, 1)  # (C, 1, 1, size)
+    local = F.conv2d(F.conv2d(stack, gauss, groups=stack.shape[1]), gauss.transpose(2, 3), groups=stack.shape[1])
+    mu_a, mu_b, mu_f, aa, bb, ff, af, bf = local.unbind(dim=1)
     var_a, var_b, var_f = [(m2 - m * m).clamp_min(0.0) for m2, m in ((aa, mu_a), (bb, mu_b), (ff, mu_f))]
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
 
