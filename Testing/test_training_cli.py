@@ -391,8 +391,10 @@ def test_library_is_found_next_to_the_script_in_an_installed_layout(tmp_path):
             "print(namespace['ensure_library_importable']())\n"
             "import FusionINNLib\n"
             "print(FusionINNLib.__file__)\n")
+    # nor PYTHONPATH: a developer's (or a training run's) path to the library would make the helper a no-op
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     completed = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                               timeout=60)
+                               timeout=60, env=env)
     assert completed.returncode == 0, completed.stderr
     added, imported = completed.stdout.split()
     assert Path(added) == lib / "qt-scripted-modules"
