@@ -31,33 +31,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy import ndimage
 
-__all__ = [
-    "DECOMPOSITION_METRIC_NAMES",
-    "FUSION_METRIC_NAMES",
-    "METRIC_DESCRIPTIONS",
-    "MetricWarning",
-    "average_gradient",
-    "decomposition_mae",
-    "decomposition_metrics",
-    "decomposition_psnr",
-    "decomposition_ssim",
-    "entropy",
-    "fusion_metrics",
-    "mutual_information",
-    "normalized_mutual_information",
-    "psnr",
-    "q_fmi",
-    "q_ncie",
-    "q_p",
-    "q_ssim",
-    "q_xy",
-    "qabf",
-    "quantise_like_matplotlib",
-    "spatial_frequency",
-    "standard_deviation",
-    "viff",
-]
-
+# The public names are listed once, in the package's __all__ (metrics/__init__.py).
 FUSION_METRIC_NAMES: Tuple[str, ...] = (
     "Q_SSIM", "Q_FMI", "Q_NCIE", "Q_XY", "Q_P",
     "EN", "AG", "SD", "SF", "MI", "NMI", "PSNR", "VIFF", "QABF",
